@@ -21,10 +21,15 @@ each 4096x4096 kernel: 46 ms -> 15 ms per step on the 2-core test machine, next 
 26 ms for the head's forward and backward pass); XLA's fused multiply-adds
 round differently, so the curves differ from the tutorial's by ~1e-7 (2.4e-7 over
 10 epochs on the 5,085-image sample), while single weights whose Adam second
-moment is tiny can drift further. The rest of the step is not XLA-compiled: under
-XLA, TensorFlow draws the dropout masks with a different random algorithm, which
-would change the curves. ``feature_cache=False`` or a trainable base run the
-tutorial's ``model.fit`` on the full model.
+moment is tiny can drift further. ``xla_step=True`` (``keras-ce train --xla step``)
+XLA-compiles the head's whole train step instead. Keras' own ``jit_compile=True``
+would draw the dropout masks inside XLA with another random algorithm (another
+run); here the masks are drawn outside XLA exactly as Keras draws them, so a step
+is the tutorial's step up to rounding: XLA's 4096-term matmuls sum in another
+order than oneDNN's (~1e-9 per step), which training amplifies to ~1e-3 in the
+curves after 10 epochs on the sample. ``xla_optimizer=False`` gives the tutorial's
+run bitwise. ``feature_cache=False`` or a trainable base run the tutorial's
+``model.fit`` on the full model.
 
 **Checkpoints.** With ``checkpoint_every`` > 0 each epoch is its own ``fit`` call
 with a data order seeded by :func:`epoch_seed`, and :func:`save_checkpoint` writes
@@ -113,6 +118,11 @@ class TrainConfig:
     freeze_base: bool = True
     #: XLA-compile Adam's update step on the feature-cache path (TensorFlow only).
     xla_optimizer: bool = True
+    #: XLA-compile the head's whole train step (forward, loss, gradients, Adam) on the
+    #: feature-cache path (TensorFlow only). The dropout masks stay the tutorial's (drawn
+    #: outside XLA), but XLA's 4096-term matmuls round differently from oneDNN's, so the
+    #: curves drift from the tutorial's by float rounding (~1e-3 after 10 epochs).
+    xla_step: bool = False
     extract_batch_size: int = 128
     verbose: bool = True
     #: > 0: each epoch is its own ``fit`` with a per-epoch seeded data order, so that a
@@ -274,6 +284,97 @@ def _as_plain_adam(optimizer: keras.optimizers.Optimizer, variables: list) -> An
     for dst, src in zip(plain.variables, optimizer.variables):
         dst.assign(src)
     return plain
+
+
+_XLA_STEP_HEAD: type | None = None
+_XLA_STEP_LAYERS = (keras.layers.Flatten, keras.layers.Dense, keras.layers.Dropout)
+
+
+def _xla_step_head_class() -> type:
+    """A ``keras.Sequential`` whose ``train_step`` runs as one XLA computation.
+
+    Keras' own ``jit_compile=True`` would also draw the dropout masks inside XLA,
+    with another random algorithm than TensorFlow's kernels: other masks, another
+    run. Here each ``Dropout`` layer's uniform noise is drawn outside XLA exactly as
+    ``keras.random.dropout`` draws it (the layer's seed generator advanced once, then
+    ``tf.random.stateless_uniform``), and the XLA computation applies it as
+    ``tf.nn.experimental.stateless_dropout`` does (``where(noise >= rate, x / (1 -
+    rate), 0)``), then computes the loss, the gradients and the optimizer update.
+    Loss tracking and metrics are updated outside, as ``Model.train_step`` does.
+    """
+    global _XLA_STEP_HEAD
+    if _XLA_STEP_HEAD is None:
+        import tensorflow as tf
+
+        class XlaStepHead(keras.Sequential):
+            __doc__ = _xla_step_head_class.__doc__
+
+            def _dropout_noise(self, batch: Any) -> list:
+                noise = []
+                for layer in self.layers:
+                    if isinstance(layer, keras.layers.Dropout):
+                        seed = layer.seed_generator.next()
+                        if seed.dtype != tf.int32:  # as keras' TF backend casts it
+                            seed = tf.cast(tf.math.floormod(seed, tf.int32.max - 1), tf.int32)
+                        shape = tf.concat([[batch], layer.output.shape[1:]], axis=0)
+                        noise.append(
+                            tf.random.stateless_uniform(shape, seed=seed, dtype=layer.compute_dtype)
+                        )
+                return noise
+
+            def train_step(self, data: Any) -> dict:
+                x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+                noise = self._dropout_noise(tf.shape(x)[0])
+                loss, y_pred = self._xla_step(x, y, sample_weight, noise)
+                for metric in self.metrics:
+                    if metric.name == "loss":  # Model.train_step's loss tracker
+                        metric.update_state(loss, sample_weight=tf.shape(x)[0])
+                return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+            @tf.function(jit_compile=True, autograph=False, reduce_retracing=True)
+            def _xla_step(self, x: Any, y: Any, sample_weight: Any, noise: list) -> tuple:
+                with tf.GradientTape() as tape:
+                    h, masks = x, iter(noise)
+                    for layer in self.layers:
+                        if isinstance(layer, keras.layers.Dropout):
+                            scale = tf.constant(1 / (1 - layer.rate), h.dtype)
+                            h = tf.where(
+                                next(masks) >= layer.rate, h * scale, tf.zeros((), h.dtype)
+                            )
+                        else:
+                            h = layer(h, training=True)
+                    loss = self.compute_loss(x, y, h, sample_weight, training=True)
+                grads = tape.gradient(loss, self.trainable_variables)
+                self.optimizer.apply(grads, self.trainable_variables)
+                return loss, h
+
+        _XLA_STEP_HEAD = XlaStepHead
+    return _XLA_STEP_HEAD
+
+
+def _head_model(
+    input_shape: tuple, head_layers: Sequence[keras.layers.Layer], *, xla_step: bool
+) -> keras.Model:
+    """The head alone on feature inputs: the same layer objects as the full model's."""
+    if xla_step:
+        for layer in head_layers:
+            if not isinstance(layer, _XLA_STEP_LAYERS):
+                raise KerasCEError(
+                    "`xla_step` handles Flatten, Dense and Dropout head layers only. "
+                    f"Received a {type(layer).__name__} layer ({layer.name!r})."
+                )
+            if isinstance(layer, keras.layers.Dropout) and (
+                layer.noise_shape is not None or not 0 < layer.rate < 1
+            ):
+                raise KerasCEError(
+                    f"`xla_step` needs plain dropout (0 < rate < 1, no noise_shape). "
+                    f"Received: {layer.name} with rate={layer.rate}, "
+                    f"noise_shape={layer.noise_shape}"
+                )
+        cls = _xla_step_head_class()
+    else:
+        cls = keras.Sequential
+    return cls([keras.Input(input_shape), *head_layers], name="head")
 
 
 def _weights_sha256(model: keras.Model) -> str:
@@ -468,14 +569,14 @@ def train(
         initial_sha = _weights_sha256(model)
         timings["build_model_s"] = time.perf_counter() - t0
         use_cache = config.feature_cache and not base.trainable
-        fused = (
+        xla_ok = (
             use_cache
             and strategy is None
-            and config.xla_optimizer
             and keras.backend.backend() == "tensorflow"
             and keras.config.dtype_policy().name == "float32"
         )
-        optimizer = _make_optimizer(config, fused=fused)
+        xla_step = xla_ok and config.xla_step
+        optimizer = _make_optimizer(config, fused=xla_ok and config.xla_optimizer and not xla_step)
         metrics = ["accuracy"]
         if use_cache:
             t = time.perf_counter()
@@ -494,14 +595,14 @@ def train(
             if len(f_train) != len(x_train) or len(f_test) != len(x_test):
                 raise KerasCEError("`features` do not match the images: pass those of this data.")
             timings["extract_features_s"] = time.perf_counter() - t
-            fit_model = keras.Sequential(
-                [keras.Input(f_train.shape[1:]), *head_layers], name="head"
-            )
+            fit_model = _head_model(f_train.shape[1:], head_layers, xla_step=xla_step)
             fit_x, val_x = f_train, f_test
         else:
             fit_model, fit_x, val_x = model, x_train, x_test
             features = None
         fit_model.compile(optimizer=optimizer, loss=config.loss, metrics=metrics)
+        if xla_step:  # its variables must exist before the XLA step is traced
+            optimizer.build(fit_model.trainable_variables)
         fit_kwargs = dict(
             batch_size=config.batch_size,
             shuffle=True,
@@ -695,6 +796,7 @@ _RUN_FLAGS = (
     "learning_rate",
     "seed",
     "no_feature_cache",
+    "xla",
     "checkpoint_every",
     "strategy",
     "devices",
@@ -729,6 +831,8 @@ def _config_from_args(args: Any, *, loss: Any) -> TrainConfig:
         learning_rate=args.learning_rate,
         seed=args.seed,
         feature_cache=not args.no_feature_cache,
+        xla_optimizer=getattr(args, "xla", "update") == "update",
+        xla_step=getattr(args, "xla", "update") == "step",
         verbose=not args.quiet,
         checkpoint_every=getattr(args, "checkpoint_every", 0),
     )
@@ -811,7 +915,8 @@ def _resumed_args(args: Any, recorded: dict[str, Any]) -> Any:
     defaults = vars(build_parser().parse_args(["train", "--out", str(args.out)]))
     merged_args = type(args)(**vars(args))
     for key in _RUN_FLAGS:
-        given, before = getattr(args, key, None), recorded.get(key)
+        # A flag newer than the checkpoint's run had its default there.
+        given, before = getattr(args, key, None), recorded.get(key, defaults.get(key))
         if given != defaults.get(key) and given != before:
             flag = "--" + key.replace("_", "-")
             raise KerasCEError(
@@ -851,6 +956,55 @@ def _say(args: Any, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
+def _writes_run_dir(args: Any) -> bool:
+    """Whether this process writes ``--out``: always, except a non-chief multiworker worker."""
+    if getattr(args, "strategy", "none") != "multiworker":
+        return True
+    from keras_ce_plugin import distribute
+
+    return distribute.is_chief()
+
+
+def _train_as_worker(
+    args: Any, config: TrainConfig, strategy: Any, checkpoint: Checkpoint | None
+) -> int:
+    """A non-chief worker of ``--strategy multiworker``: trains in step with the chief,
+    which alone writes ``--out``; this worker writes the same files to a temporary
+    directory (as every worker must take part in saving) and removes it."""
+    import shutil
+    import tempfile
+
+    task = json.loads(os.environ["TF_CONFIG"])["task"]
+    who = f"{task['type']} {task['index']}"
+    _say(args, f"{who}: not the chief; the chief writes {args.out}")
+    data = _load_data(args)
+    scratch = Path(tempfile.mkdtemp(prefix="keras-ce-worker-"))
+    try:
+        result = train(
+            config,
+            data,
+            strategy=strategy,
+            resume=checkpoint,
+            checkpoint_path=scratch / CHECKPOINT_FILE if config.checkpoint_every else None,
+            checkpoint_meta={"arguments": _arguments(args)},
+        )
+        write_run(
+            scratch,
+            result,
+            arguments=_arguments(args),
+            wall_time_s=0.0,
+            loss_label=_loss_label(args.loss),
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print(
+        f"{who}: done, test accuracy {result.test_accuracy:.4f}; wrote nothing "
+        f"(the chief wrote {args.out})",
+        flush=True,
+    )
+    return 0
+
+
 def train_command(args: Any) -> int:
     """``keras-ce train``: trains and writes ``--out``; returns the exit status.
 
@@ -870,6 +1024,8 @@ def train_command(args: Any) -> int:
     strategy = _distribution(args)  # before TensorFlow initialises its devices
     config = _config_from_args(args, loss=args.loss)
     config.validate()
+    if not _writes_run_dir(args):
+        return _train_as_worker(args, config, strategy, checkpoint)
     if not args.resume:
         _prepare_out_dir(out, overwrite=args.overwrite, expected=RUN_FILES)
     with run_lock(out):

@@ -59,6 +59,8 @@ def default_run(small):
         ({}, 1e-5),
         # --no-feature-cache: plain fit through train().
         ({"feature_cache": False}, 0.0),
+        # The whole head step XLA-compiled, the dropout noise drawn outside XLA.
+        ({"xla_step": True}, 1e-5),
     ],
 )
 def test_same_history_as_plain_fit(small, reference, default_run, overrides, atol):
@@ -77,6 +79,47 @@ def test_same_history_as_plain_fit(small, reference, default_run, overrides, ato
     )
     assert result.test_loss == result.history["val_loss"][-1]
     assert result.test_accuracy == result.history["val_accuracy"][-1]
+
+
+def test_xla_step_draws_the_tutorials_dropout_masks(small, reference):
+    """Control: compiling the same head step with Keras' own ``jit_compile=True``
+    draws the dropout masks inside XLA, so the run differs; ``xla_step`` does not."""
+    from keras_ce_plugin.train import _head_model
+
+    result = train(dataclasses.replace(CONFIG, xla_step=True), small)
+    (_, y), (_, yt) = small
+    f_train, f_test = result.features
+    keras.utils.set_random_seed(SEED)
+    _, head = split_base_and_head(build_vgg16_classifier(None))
+    head_model = _head_model(f_train.shape[1:], head, xla_step=False)
+    head_model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss="customloss>CategoricalCE",
+        metrics=["accuracy"],
+        jit_compile=True,
+    )
+    keras.utils.set_random_seed(SEED)
+    hist = head_model.fit(
+        f_train, y, epochs=EPOCHS, batch_size=32, validation_data=(f_test, yt), verbose=0
+    )
+    ref = reference[1]["loss"]
+    assert max(abs(a - b) for a, b in zip(hist.history["loss"], ref)) > 1e-4
+    assert max(abs(a - b) for a, b in zip(result.history["loss"], ref)) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "layer,match",
+    [
+        (keras.layers.Dropout(0.5, noise_shape=(1, 4096)), "noise_shape"),
+        (keras.layers.GaussianNoise(0.1), "GaussianNoise"),
+    ],
+)
+def test_xla_step_refuses_layers_it_cannot_reproduce(layer, match):
+    from keras_ce_plugin.train import _head_model
+
+    layers = [keras.layers.Dense(4096), layer, keras.layers.Dense(10, activation="softmax")]
+    with pytest.raises(KerasCEError, match=match):
+        _head_model((512,), layers, xla_step=True)
 
 
 def test_another_seed_gives_another_history(small, reference):
