@@ -56,7 +56,7 @@ def _add_data_flags(p: argparse.ArgumentParser, *, train: bool = True) -> None:
     p.add_argument("--limit-test", type=_positive_int, help="use the first N test images")
 
 
-def _add_train_flags(p: argparse.ArgumentParser) -> None:
+def _add_train_flags(p: argparse.ArgumentParser, *, out_required: bool = True) -> None:
     _add_data_flags(p)
     p.add_argument(
         "--weights",
@@ -74,7 +74,16 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         help="train the full model with plain fit instead of caching the frozen "
         "base's features (same result, slower)",
     )
-    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument(
+        "--xla",
+        choices=["update", "step", "none"],
+        default="update",
+        help="with the feature cache on TensorFlow: XLA-compile Adam's update (update, "
+        "the default: curves within ~1e-7 of the tutorial's), the head's whole train step "
+        "(step: fastest; the curves drift by float rounding, ~1e-3 over 10 epochs), or "
+        "nothing (none: bitwise the tutorial's curves)",
+    )
+    p.add_argument("--out", required=out_required, help="run directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -96,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train the frozen VGG16 + dense head on CIFAR-10",
         description="Train the tutorial's frozen VGG16 + dense head on CIFAR-10.",
     )
-    _add_train_flags(p)
+    _add_train_flags(p, out_required=False)  # --resume RUN_DIR names it too
     p.add_argument(
         "--loss",
         default="customloss>CategoricalCE",
@@ -108,7 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="save a resumable checkpoint every N epochs (0: never)",
     )
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="RUN_DIR",
+        help="continue the killed run in RUN_DIR (or in --out) from its checkpoint",
+    )
     p.add_argument(
         "--strategy",
         choices=["none", "mirrored", "multiworker"],
@@ -195,9 +211,22 @@ def _print_error(message: str) -> None:
     print(textwrap.fill(f"keras-ce: error: {text}", width=100), file=sys.stderr)
 
 
+def _resolve_run_dir(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``train --resume RUN_DIR`` means ``--resume --out RUN_DIR``; one of them names it."""
+    if isinstance(args.resume, str):
+        if args.out is not None and os.path.abspath(args.out) != os.path.abspath(args.resume):
+            parser.error(f"--resume {args.resume} and --out {args.out} name different runs")
+        args.out, args.resume = args.resume, True
+    if args.out is None:
+        parser.error("the following arguments are required: --out (or --resume RUN_DIR)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``keras-ce`` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        _resolve_run_dir(parser, args)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         if args.command in ("train", "compare"):

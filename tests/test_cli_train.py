@@ -308,7 +308,7 @@ def test_sigkill_in_epoch_2_then_resume_gives_the_uninterrupted_run(cifar_dir, t
     # Resuming takes the run's own arguments; a conflicting one is refused.
     assert main(["train", "--resume", "--out", str(cut), "--epochs", "5"]) == 2
     assert "differs from the run being resumed" in " ".join(capsys.readouterr().err.split())
-    resumed = cli("train", "--resume", "--out", str(cut), "--quiet")
+    resumed = cli("train", "--resume", str(cut), "--quiet")  # = --resume --out RUN_DIR
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert {p.name for p in cut.iterdir()} == set(RUN_FILES)
 
@@ -333,13 +333,42 @@ def test_sigkill_in_epoch_2_then_resume_gives_the_uninterrupted_run(cifar_dir, t
     assert worst <= 1e-6
 
 
-def test_resume_needs_a_checkpoint(tmp_path, capsys):
-    assert main(["train", "--resume", "--out", str(tmp_path)]) == 2
+@pytest.mark.parametrize("form", ["--resume --out", "--resume RUN_DIR"])
+def test_resume_needs_a_checkpoint(tmp_path, capsys, form):
+    argv = ["--resume", "--out", str(tmp_path)] if "--out" in form else ["--resume", str(tmp_path)]
+    assert main(["train", *argv]) == 2
     assert "no checkpoint to resume from" in " ".join(capsys.readouterr().err.split())
     (tmp_path / CHECKPOINT_FILE).write_bytes(b"PK\x03\x04 truncated")
     assert main(["train", "--resume", "--out", str(tmp_path)]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "is damaged" in err and CHECKPOINT_FILE in err
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["train"], "required: --out (or --resume RUN_DIR)"),
+        (["train", "--resume", "a", "--out", "b"], "name different runs"),
+    ],
+)
+def test_train_needs_one_run_dir(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flag,xla_optimizer,xla_step",
+    [([], True, False), (["--xla", "none"], False, False), (["--xla", "step"], False, True)],
+)
+def test_xla_flag_sets_the_config(flag, xla_optimizer, xla_step):
+    from keras_ce_plugin.cli import build_parser
+    from keras_ce_plugin.train import _config_from_args
+
+    args = build_parser().parse_args(["train", "--out", "x", *flag])
+    config = _config_from_args(args, loss=args.loss)
+    assert (config.xla_optimizer, config.xla_step) == (xla_optimizer, xla_step)
 
 
 def test_a_second_run_on_the_same_dir_is_refused(cifar_dir, tmp_path, capsys):
