@@ -25,6 +25,7 @@ prefetch, thread settings, extraction batch size), and prints which kept its cur
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import resource
@@ -68,7 +69,7 @@ def _env() -> dict[str, str]:
     return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO)}
 
 
-CPU_S: dict[str, list[float]] = {"tutorial": [], "keras-ce train": []}
+CPU_S: dict[str, list[float]] = collections.defaultdict(list)
 
 
 def _cpu_children() -> float:
@@ -107,8 +108,8 @@ def run_tutorial(args: argparse.Namespace, out: Path) -> tuple[float, dict]:
     return wall, json.loads(hist.read_text())
 
 
-def run_keras_ce(args: argparse.Namespace, out: Path) -> tuple[float, dict, dict]:
-    run_dir = out / "run"
+def run_keras_ce(args: argparse.Namespace, out: Path, xla: str) -> tuple[float, dict, dict]:
+    run_dir = out / f"run-{xla}"
     cmd = [
         sys.executable,
         "-m",
@@ -124,6 +125,8 @@ def run_keras_ce(args: argparse.Namespace, out: Path) -> tuple[float, dict, dict
         str(args.seed),
         "--weights",
         args.weights,
+        "--xla",
+        xla,
         "--out",
         str(run_dir),
         "--overwrite",
@@ -133,61 +136,59 @@ def run_keras_ce(args: argparse.Namespace, out: Path) -> tuple[float, dict, dict
         cmd += ["--limit-train", str(args.limit_train)]
     if args.limit_test:
         cmd += ["--limit-test", str(args.limit_test)]
-    wall = _run(cmd, "keras-ce train")
+    wall = _run(cmd, f"keras-ce train --xla {xla}")
     history = json.loads((run_dir / "history.json").read_text())
     metrics = json.loads((run_dir / "metrics.json").read_text())
     return wall, history, metrics
 
 
 def end_to_end(args: argparse.Namespace) -> None:
-    walls: dict[str, list[float]] = {"tutorial": [], "keras-ce train": []}
+    names = ["tutorial", *(f"keras-ce train --xla {m}" for m in args.xla)]
+    walls: dict[str, list[float]] = {name: [] for name in names}
+    runs: dict[str, tuple[dict, dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         for r in range(args.repeats):
-            order = ["tutorial", "keras-ce train"]
-            if r % 2:
-                order.reverse()
+            order = names if r % 2 == 0 else names[::-1]
             for name in order:
                 if name == "tutorial":
                     wall, ref = run_tutorial(args, out)
                 else:
-                    wall, hist, metrics = run_keras_ce(args, out)
+                    wall, hist, metrics = run_keras_ce(args, out, name.rsplit(" ", 1)[1])
+                    runs[name] = (hist, metrics)
                 walls[name].append(wall)
                 print(f"  repeat {r + 1}: {name}: {wall:.1f} s", flush=True)
     med = {k: statistics.median(v) for k, v in walls.items()}
-    diffs = {k: max(abs(a - b) for a, b in zip(ref[k], hist[k])) for k in hist}
-    n_train = metrics["num_train"]
+    cpu = {k: statistics.median(v) for k, v in CPU_S.items()}
+    metrics = next(iter(runs.values()))[1]
     print()
     print(
-        f"{n_train} train / {metrics['num_test']} test images, {args.epochs} epochs, "
-        f"batch {args.batch_size}, --weights {args.weights}, seed {args.seed}, "
+        f"{metrics['num_train']} train / {metrics['num_test']} test images, {args.epochs} "
+        f"epochs, batch {args.batch_size}, --weights {args.weights}, seed {args.seed}, "
         f"median of {args.repeats}; {os.cpu_count()} CPUs, load average "
         f"{os.getloadavg()[0]:.1f} at the end"
     )
     print()
-    cpu = {k: statistics.median(v) for k, v in CPU_S.items()}
-    print("| run | wall time (s) | per epoch (s) | CPU time (s) | test accuracy |")
-    print("|---|---:|---:|---:|---:|")
+    print(
+        "| run | wall time (s) | per epoch (s) | CPU time (s) | test accuracy | speed-up "
+        "(wall) | speed-up (CPU) | largest curve difference |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     print(
         f"| tutorial `model.fit` | {med['tutorial']:.1f} | {med['tutorial'] / args.epochs:.1f} | "
-        f"{cpu['tutorial']:.1f} | {ref['val_accuracy'][-1]:.4f} |"
+        f"{cpu['tutorial']:.1f} | {ref['val_accuracy'][-1]:.4f} | 1.00x | 1.00x | - |"
     )
-    print(
-        f"| `keras-ce train` | {med['keras-ce train']:.1f} | "
-        f"{med['keras-ce train'] / args.epochs:.1f} | {cpu['keras-ce train']:.1f} | "
-        f"{metrics['test_accuracy']:.4f} |"
-    )
+    for name, (hist, m) in runs.items():
+        diff = max(max(abs(a - b) for a, b in zip(ref[k], hist[k])) for k in hist)
+        print(
+            f"| `{name}` | {med[name]:.1f} | {med[name] / args.epochs:.1f} | {cpu[name]:.1f} | "
+            f"{m['test_accuracy']:.4f} | {med['tutorial'] / med[name]:.2f}x | "
+            f"{cpu['tutorial'] / cpu[name]:.2f}x | {diff:.1e} |"
+        )
     print()
-    print(
-        f"speed-up (tutorial / keras-ce train): {med['tutorial'] / med['keras-ce train']:.2f}x "
-        f"wall time, {cpu['tutorial'] / cpu['keras-ce train']:.2f}x CPU time (CPU time "
-        "depends less on what else runs on the machine)"
-    )
-    print(
-        "largest per-epoch |difference| of the curves: "
-        + ", ".join(f"{k} {v:.2e}" for k, v in sorted(diffs.items()))
-    )
-    print(f"keras-ce train phases (s): {json.dumps(metrics['timings_s'], sort_keys=True)}")
+    print("(CPU time depends less on what else runs on the machine than wall time)")
+    for name, (_, m) in runs.items():
+        print(f"{name} phases (s): {json.dumps(m['timings_s'], sort_keys=True)}")
 
 
 # --------------------------------------------------------------------------- #
@@ -336,6 +337,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights", default="none", help="none (default here: no download) or a path")
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument(
+        "--xla",
+        type=lambda text: text.split(","),
+        default=["update", "step"],
+        help="comma-separated keras-ce train --xla modes to time (default: update,step)",
+    )
     p.add_argument("--ablations", action="store_true", help="also time the alternatives tried")
     p.add_argument("--ablation-train", type=int, default=2048)
     p.add_argument("--ablation-test", type=int, default=256)
