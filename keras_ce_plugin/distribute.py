@@ -67,6 +67,7 @@ from keras_ce_plugin.errors import KerasCEError
 __all__ = [
     "STRATEGIES",
     "compute_average_loss",
+    "is_chief",
     "make_strategy",
     "make_train_step",
     "parse_tf_config",
@@ -197,6 +198,26 @@ def parse_tf_config(raw: str | None = None) -> dict[str, Any]:
             f"{len(cluster[role])} address(es)."
         )
     return cfg
+
+
+def is_chief(tf_config: dict[str, Any] | None = None) -> bool:
+    """Whether this process is the cluster's chief: the one that writes the run's files.
+
+    The ``chief`` task if the cluster has one, else worker 0 (TensorFlow's rule).
+    ``tf_config`` is a :func:`parse_tf_config` result (default: that of
+    ``TF_CONFIG``).
+
+    >>> is_chief({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 0}})
+    True
+    >>> is_chief({"cluster": {"chief": ["a:1"], "worker": ["b:1"]},
+    ...           "task": {"type": "worker", "index": 0}})
+    False
+    """
+    cfg = parse_tf_config() if tf_config is None else tf_config
+    task = cfg["task"]
+    if "chief" in cfg["cluster"]:
+        return task["type"] == "chief"
+    return task["type"] == "worker" and task["index"] == 0
 
 
 _MWMS_CLASS: Any = None

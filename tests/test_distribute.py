@@ -616,3 +616,54 @@ def test_recipe_under_mixed_precision_stays_finite(policy, rng):
     assert np.all(np.isfinite(losses))
     assert losses[-1] < losses[0]
     assert all(np.all(np.isfinite(w)) for w in model.get_weights())
+
+
+@pytest.mark.slow
+def test_two_worker_cli_run_only_the_chief_writes_out(cifar_dir, tmp_path):
+    """``keras-ce train --strategy multiworker``: both workers name the same ``--out``
+    (a shared disk); only worker 0 writes it, the other trains and writes nothing there."""
+    out = tmp_path / "run"
+    flags = [
+        "train", "--strategy", "multiworker", "--weights", "none", "--data-dir", str(cifar_dir),
+        "--limit-train", "64", "--limit-test", "32", "--epochs", "1", "--quiet", "--out", str(out),
+    ]  # fmt: skip
+    for attempt in range(2):  # a port taken between picking and binding: try new ones
+        cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
+        procs = []
+        try:
+            for i in range(2):
+                task = {"cluster": cluster, "task": {"type": "worker", "index": i}}
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "keras_ce_plugin.cli", *flags],
+                        cwd=REPO,
+                        env=_env(TF_CONFIG=json.dumps(task)),
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT,
+                        text=True,
+                    )
+                )
+            deadline = time.monotonic() + 240
+            results = [
+                (p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0], p.returncode)
+                for p in procs
+            ]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.communicate()
+        if all(rc == 0 for _, rc in results):
+            break
+        if attempt == 0 and any("ddress already in use" in o for o, _ in results):
+            continue
+        pytest.fail("worker failed:\n" + "\n----\n".join(o[-4000:] for o, _ in results))
+    (chief_out, _), (worker_out, _) = results
+    assert "wrote model.keras" in chief_out
+    assert "worker 1: done" in worker_out and "wrote nothing" in worker_out
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["model.keras", "history.json", "metrics.json", "curves.png"]
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["arguments"]["strategy"] == "multiworker"
+    assert len(json.loads((out / "history.json").read_text())["loss"]) == 1
