@@ -222,13 +222,27 @@ def _upstream(args: tuple, upstream: Any) -> Any:
 # about ten passes over the (batch, classes) tensor). Each returns the per-sample
 # loss with `ax` reduced; values and gradients equal the textbook composition.
 # --------------------------------------------------------------------------- #
+# On the torch backend of Keras 3.15, `ops.maximum` and `ops.mean` compute float64
+# input in float32 (keras-team/keras#23704); these two keep the input's precision.
+def _at_least(x, floor: float):
+    """``maximum(x, floor)`` in ``x``'s dtype, NaN kept."""
+    return ops.where(x < floor, ops.cast(floor, x.dtype), x)
+
+
+def _mean(x, ax: int):
+    """``mean(x, axis=ax)`` in ``x``'s dtype."""
+    if keras.backend.backend() == "torch" and keras.backend.standardize_dtype(x.dtype) == "float64":
+        return ops.sum(x, axis=ax) / x.shape[ax]
+    return ops.mean(x, axis=ax)
+
+
 def _cce_probs(y, p, ax: int):
     """-sum(y * log(clip(p / sum(p), eps, 1 - eps))) along ax."""
     eps = keras.config.epsilon()
 
     def forward(y, p):
         total = ops.sum(p, axis=ax, keepdims=True)
-        s = ops.maximum(total, eps)  # An all-zero row stays finite (0 / eps).
+        s = _at_least(total, eps)  # An all-zero row stays finite (0 / eps).
         q = p / s
         c = ops.clip(q, eps, 1.0 - eps)
         log_c = ops.log(c)
@@ -315,7 +329,7 @@ def _bce_probs(y, p, ax: int):
         log_1mc = ops.log1p(-c)
         per_label = -(y * log_c + (1.0 - y) * log_1mc)
         # `0 * sum(p)` is NaN for a row holding +-inf (which the clip would hide).
-        loss = ops.mean(per_label, axis=ax) + 0.0 * ops.sum(p, axis=ax)
+        loss = _mean(per_label, ax) + 0.0 * ops.sum(p, axis=ax)
         return loss, (c, log_c, log_1mc)
 
     if not _custom_gradient_ok():
@@ -340,7 +354,7 @@ def _bce_logits(y, x, ax: int):
     """mean(softplus(x) - x y) along ax (the stable sigmoid cross-entropy)."""
 
     def forward(y, x):
-        return ops.mean(ops.softplus(x) - x * y, axis=ax)
+        return _mean(ops.softplus(x) - x * y, ax)
 
     if not _custom_gradient_ok():
         return forward(y, x)
@@ -367,7 +381,7 @@ def _sparse_probs(labels, p, ax: int):
         # Gather the true class first: one reduction over the classes instead of
         # a full-size division, clip, log and product.
         total = ops.sum(p, axis=ax)
-        s = ops.maximum(total, eps)
+        s = _at_least(total, eps)
         q = _take(p, labels, ax) / s
         c = ops.clip(q, eps, 1.0 - eps)
         # `0 * total` is NaN for a row holding +-inf (which the clip would hide).
