@@ -42,6 +42,8 @@ tf_only = pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow-backend
 # float64 NumPy reference
 # --------------------------------------------------------------------------- #
 def _f64(x) -> np.ndarray:
+    if hasattr(x, "detach"):  # a torch tensor: out of autograd; numpy has no bfloat16
+        x = x.detach().cpu().double()
     return np.asarray(x, dtype=np.float64)
 
 
@@ -680,9 +682,11 @@ def test_mixed_precision(kind, policy, restore_policy):
     # ... and equals float32 arithmetic on the same values (TensorFlow uses the
     # logits behind the softmax, like the built-in; elsewhere the probabilities).
     if BACKEND == "tensorflow":
-        expected = plugin(kind, from_logits=True)(y[:16], np.asarray(ops.cast(z, "float32")))
+        expected = plugin(kind, from_logits=True)(
+            y[:16], ops.convert_to_numpy(ops.cast(z, "float32"))
+        )
     else:
-        expected = plugin(kind)(y[:16], np.asarray(ops.cast(out, "float32")))
+        expected = plugin(kind)(y[:16], ops.convert_to_numpy(ops.cast(out, "float32")))
     assert np.isfinite(float(value))
     assert float(value) == pytest.approx(float(expected), rel=1e-3)
 
@@ -710,7 +714,7 @@ def test_half_precision_inputs_computed_in_float32(kind, dtype):
     half = ops.cast(p, dtype)
     out = fn(y, half)
     assert keras.backend.standardize_dtype(out.dtype) == dtype
-    exact = fn(y, np.asarray(ops.cast(half, "float32")))
+    exact = fn(y, ops.convert_to_numpy(ops.cast(half, "float32")))
     # Only the final rounding to `dtype` differs from float32 arithmetic.
     assert_close(ops.cast(out, "float32"), exact, rtol=1e-2 if dtype == "bfloat16" else 1e-3)
 
@@ -732,7 +736,7 @@ def test_non_finite_input_propagates(kind, from_logits, where, bad):
         y[1] = bad if kind == "scce" else y[1]
         if kind != "scce":
             y[1, 2] = bad
-    per_sample = np.asarray(plugin(kind, from_logits=from_logits, reduction=None)(y, p))
+    per_sample = ops.convert_to_numpy(plugin(kind, from_logits=from_logits, reduction=None)(y, p))
     if kind == "scce" and from_logits and where == "y_pred" and bad == -float("inf"):
         # A -inf logit is probability 0 for a class that is not the target: exact.
         assert np.all(np.isfinite(per_sample))
@@ -747,7 +751,7 @@ def test_non_finite_input_propagates(kind, from_logits, where, bad):
 def test_sparse_out_of_range_label_is_nan_not_wrapped(label, from_logits):
     y, p = make_case("scce", from_logits, seed=17)
     y[3] = label
-    per_sample = np.asarray(sparse_categorical_ce(y, p, from_logits=from_logits))
+    per_sample = ops.convert_to_numpy(sparse_categorical_ce(y, p, from_logits=from_logits))
     assert np.isnan(per_sample[3])
     assert np.all(np.isfinite(np.delete(per_sample, 3)))
 
@@ -767,7 +771,7 @@ def test_empty_batch_like_builtin(kind, options, reduction, weighted):
     theirs = builtin(kind, reduction=reduction, **options)(y, p, sample_weight=sw)
     assert tuple(ours.shape) == tuple(theirs.shape)
     assert_close(ours, theirs)
-    assert np.all(np.isfinite(np.asarray(ours)))
+    assert np.all(np.isfinite(ops.convert_to_numpy(ours)))
 
 
 # --------------------------------------------------------------------------- #
