@@ -223,10 +223,18 @@ def _upstream(args: tuple, upstream: Any) -> Any:
 # loss with `ax` reduced; values and gradients equal the textbook composition.
 # --------------------------------------------------------------------------- #
 # On the torch backend of Keras 3.15, `ops.maximum` and `ops.mean` compute float64
-# input in float32 (keras-team/keras#23704); these two keep the input's precision.
+# input in float32 (keras-team/keras#23704) and `ops.clip` rounds Python-float bounds
+# to float32; these three keep the input's precision.
+def _clip(x, eps: float):
+    """``clip(x, eps, 1 - eps)`` with the bounds in ``x``'s dtype."""
+    lo = ops.convert_to_tensor(eps, dtype=x.dtype)
+    hi = ops.convert_to_tensor(1.0 - eps, dtype=x.dtype)
+    return ops.clip(x, lo, hi)
+
+
 def _at_least(x, floor: float):
     """``maximum(x, floor)`` in ``x``'s dtype, NaN kept."""
-    return ops.where(x < floor, ops.cast(floor, x.dtype), x)
+    return ops.where(x < floor, floor, x)  # a Python float: x's dtype, not floatx first
 
 
 def _mean(x, ax: int):
@@ -244,7 +252,7 @@ def _cce_probs(y, p, ax: int):
         total = ops.sum(p, axis=ax, keepdims=True)
         s = _at_least(total, eps)  # An all-zero row stays finite (0 / eps).
         q = p / s
-        c = ops.clip(q, eps, 1.0 - eps)
+        c = _clip(q, eps)
         log_c = ops.log(c)
         # `0 * total` is NaN for a row holding +-inf (which the clip would hide).
         loss = -ops.sum(y * log_c, axis=ax) + 0.0 * ops.squeeze(total, axis=ax)
@@ -324,7 +332,7 @@ def _bce_probs(y, p, ax: int):
     eps = keras.config.epsilon()
 
     def forward(y, p):
-        c = ops.clip(p, eps, 1.0 - eps)
+        c = _clip(p, eps)
         log_c = ops.log(c)
         log_1mc = ops.log1p(-c)
         per_label = -(y * log_c + (1.0 - y) * log_1mc)
@@ -383,7 +391,7 @@ def _sparse_probs(labels, p, ax: int):
         total = ops.sum(p, axis=ax)
         s = _at_least(total, eps)
         q = _take(p, labels, ax) / s
-        c = ops.clip(q, eps, 1.0 - eps)
+        c = _clip(q, eps)
         # `0 * total` is NaN for a row holding +-inf (which the clip would hide).
         return -ops.log(c) + 0.0 * total, (total, s, q, c)
 
