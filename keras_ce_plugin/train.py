@@ -956,6 +956,25 @@ def _say(args: Any, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
+def _train_into(
+    run_dir: Path,
+    args: Any,
+    config: TrainConfig,
+    data: Any,
+    strategy: Any,
+    checkpoint: Checkpoint | None,
+) -> TrainResult:
+    """:func:`train` for ``keras-ce train``, checkpointing into ``run_dir``."""
+    return train(
+        config,
+        data,
+        strategy=strategy,
+        resume=checkpoint,
+        checkpoint_path=run_dir / CHECKPOINT_FILE if config.checkpoint_every else None,
+        checkpoint_meta={"arguments": _arguments(args)},
+    )
+
+
 def _writes_run_dir(args: Any) -> bool:
     """Whether this process writes ``--out``: always, except a non-chief multiworker worker."""
     if getattr(args, "strategy", "none") != "multiworker":
@@ -980,14 +999,7 @@ def _train_as_worker(
     data = _load_data(args)
     scratch = Path(tempfile.mkdtemp(prefix="keras-ce-worker-"))
     try:
-        result = train(
-            config,
-            data,
-            strategy=strategy,
-            resume=checkpoint,
-            checkpoint_path=scratch / CHECKPOINT_FILE if config.checkpoint_every else None,
-            checkpoint_meta={"arguments": _arguments(args)},
-        )
+        result = _train_into(scratch, args, config, data, strategy, checkpoint)
         write_run(
             scratch,
             result,
@@ -1037,14 +1049,7 @@ def train_command(args: Any) -> int:
         load_s = time.perf_counter() - t
         if checkpoint is not None:
             _say(args, f"resuming {out} after epoch {checkpoint.epoch} of {config.epochs}")
-        result = train(
-            config,
-            data,
-            strategy=strategy,
-            resume=checkpoint,
-            checkpoint_path=out / CHECKPOINT_FILE if config.checkpoint_every else None,
-            checkpoint_meta={"arguments": _arguments(args)},
-        )
+        result = _train_into(out, args, config, data, strategy, checkpoint)
         result.timings["load_data_s"] = load_s
         metrics = write_run(
             out,
