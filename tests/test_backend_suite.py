@@ -3,8 +3,10 @@ and ``KERAS_BACKEND=torch``.
 
 A Keras backend is chosen once per process, so each run is a real pytest run in a
 fresh process. JAX comes with ``[dev]``; torch with the ``[torch]`` extra (CPU build
-``torch==2.13.0``), and its run skips where torch is not installed. It covers the loss parity/reference tests, the golden files of earlier
-versions and hostile-file loading; TensorFlow-only tests inside them skip with a reason.
+``torch==2.13.0``), and its run skips where torch is not installed. It covers the loss
+parity/reference tests, the hypothesis properties, the golden files of earlier versions,
+JSON/``.keras`` serialization and hostile-file loading; TensorFlow-only tests inside them
+skip with a reason.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from conftest import REPO
 BACKEND_NEUTRAL = [
     "tests/test_losses.py",
     "tests/test_golden.py",
+    "tests/test_properties.py",
     "tests/test_safe_loading.py",
+    "tests/test_serialization.py",
 ]
 
 

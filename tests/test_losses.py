@@ -137,7 +137,8 @@ def _cotangent(shape) -> np.ndarray:
 
 def vjp(fn, x, *, graph=False):
     """(fn(x), d<fn(x), v>/dx) as float64 arrays for a fixed random cotangent v."""
-    x = np.asarray(x)
+    if BACKEND != "torch":
+        x = np.asarray(x)
     if BACKEND == "tensorflow":
         import tensorflow as tf
 
@@ -161,7 +162,9 @@ def vjp(fn, x, *, graph=False):
     elif BACKEND == "torch" and not graph:
         import torch
 
-        xt = torch.tensor(x, requires_grad=True)
+        # A tensor stays one (numpy has no bfloat16 for torch to convert from).
+        xt = x.detach().clone() if isinstance(x, torch.Tensor) else torch.tensor(np.asarray(x))
+        xt.requires_grad_(True)
         out = fn(xt)
         (grad,) = torch.autograd.grad(out, xt, torch.tensor(_cotangent(out.shape), dtype=out.dtype))
         out, grad = out.detach().cpu(), grad.cpu()
