@@ -53,8 +53,10 @@ def default_run(small):
 @pytest.mark.parametrize(
     "overrides,atol",
     [
-        # The head alone on cached features, plain Adam: bitwise the same run.
+        # The head alone on cached features, plain Adam: bitwise the same run (with the
+        # fast input gradient where the probe allows it, and without).
         ({"xla_optimizer": False}, 0.0),
+        ({"xla_optimizer": False, "fast_input_grad": False}, 0.0),
         # The default: Adam's update XLA-compiled (fused multiply-adds round differently).
         ({}, 1e-5),
         # --no-feature-cache: plain fit through train().
@@ -120,6 +122,46 @@ def test_xla_step_refuses_layers_it_cannot_reproduce(layer, match):
     layers = [keras.layers.Dense(4096), layer, keras.layers.Dense(10, activation="softmax")]
     with pytest.raises(KerasCEError, match=match):
         _head_model((512,), layers, xla_step=True)
+
+
+def test_fast_input_grad_keeps_every_bit(cifar_dir):
+    """100 images: batches of 32 and a last one of 4, both probed; the run with the
+    fast input gradient ends with the very weights of the run without it."""
+    from keras_ce_plugin.train import _fast_input_grad_layers
+
+    keras.utils.set_random_seed(SEED)
+    _, head = split_base_and_head(build_vgg16_classifier(None))
+    chosen = _fast_input_grad_layers(head, [32, 4])
+    if not chosen:
+        pytest.skip("this CPU's TensorFlow gives other bits for (W dy^T)^T: the fast path is off")
+    ((name, sizes),) = chosen.items()
+    assert head[[layer.name for layer in head].index(name)].kernel.shape == (4096, 4096)
+    assert 32 in sizes
+    data = load_cifar10(cifar_dir, limit_train=100, limit_test=32)
+    runs = [
+        train(dataclasses.replace(CONFIG, epochs=2, xla_optimizer=False, fast_input_grad=f), data)
+        for f in (True, False)
+    ]
+    assert runs[0].history == runs[1].history
+    assert runs[0].history["loss"][0] != runs[0].history["loss"][1]
+    for a, b in zip(runs[0].model.get_weights(), runs[1].model.get_weights()):
+        assert np.array_equal(a, b)
+
+
+def test_fast_input_grad_probe_sees_one_ulp():
+    """The probe compares bits: a fast path about one ulp off is refused."""
+    from keras_ce_plugin.train import _dense_fast_input_grad, _same_bits_as_tensorflow
+
+    keras.utils.set_random_seed(SEED)
+    layer = keras.layers.Dense(64, activation="relu")
+    layer.build((None, 1024))
+
+    def off_by_one_ulp(layer, x, fast_batches):
+        return _dense_fast_input_grad(layer, x, fast_batches) * (1.0 + 2.0**-23)
+
+    assert not _same_bits_as_tensorflow(layer, 8, [8], fast=off_by_one_ulp)
+    # TensorFlow's own gradient at a size not listed as fast: the same bits, always.
+    assert _same_bits_as_tensorflow(layer, 8, [])
 
 
 def test_another_seed_gives_another_history(small, reference):
