@@ -404,27 +404,23 @@ def _dense_fast_input_grad(layer: keras.layers.Layer, x: Any, fast_batches: Sequ
 
 def _same_bits_as_tensorflow(
     layer: keras.layers.Layer,
-    batch: int,
+    batches: Sequence[int],
     fast_batches: Sequence[int],
     fast: Callable[..., Any] | None = None,
 ) -> bool:
     """Whether ``fast`` (:func:`_dense_fast_input_grad`) gives ``layer``'s output and
-    gradients bit for bit at this batch size (random inputs, in a ``tf.function`` as in
-    ``fit``)."""
+    gradients bit for bit at each of these batch sizes (random inputs, in a
+    ``tf.function`` traced without the batch size, as in ``fit``)."""
     import tensorflow as tf
 
-    rng = np.random.default_rng(batch)
     dtype = layer.compute_dtype
-    x = tf.constant(rng.standard_normal((batch, layer.kernel.shape[0])).astype(dtype))
-    dy = tf.constant(rng.standard_normal((batch, layer.units)).astype(dtype))
     sources = [v.value for v in layer.trainable_variables]
     fast = fast or _dense_fast_input_grad
     forwards = (lambda t: layer(t, training=True), lambda t: fast(layer, t, fast_batches))
-
-    signature = [tf.TensorSpec([None, n], dtype) for n in (x.shape[1], dy.shape[1])]
+    signature = [tf.TensorSpec([None, n], dtype) for n in (layer.kernel.shape[0], layer.units)]
 
     @tf.function(autograph=False, input_signature=signature)
-    def both(x: Any, dy: Any) -> list:  # the batch size unknown when traced, as in fit
+    def both(x: Any, dy: Any) -> list:
         out = []
         for forward in forwards:
             with tf.GradientTape() as tape:
@@ -433,9 +429,14 @@ def _same_bits_as_tensorflow(
             out += [y, *tape.gradient(y, [x, *sources], output_gradients=dy)]
         return out
 
-    values = [keras.ops.convert_to_numpy(v) for v in both(x, dy)]
-    half = len(values) // 2
-    return all(np.array_equal(a, b) for a, b in zip(values[:half], values[half:]))
+    for batch in batches:
+        rng = np.random.default_rng(batch)
+        x, dy = (rng.standard_normal((batch, spec.shape[1])).astype(dtype) for spec in signature)
+        values = [keras.ops.convert_to_numpy(v) for v in both(x, dy)]
+        half = len(values) // 2
+        if not all(np.array_equal(a, b) for a, b in zip(values[:half], values[half:])):
+            return False
+    return True
 
 
 def _fast_input_grad_layers(
@@ -454,9 +455,12 @@ def _fast_input_grad_layers(
             and layer.compute_dtype == layer.variable_dtype
         ):
             continue
-        sizes = tuple(b for b in batch_sizes if _same_bits_as_tensorflow(layer, b, [b]))
-        if sizes and all(_same_bits_as_tensorflow(layer, b, sizes) for b in batch_sizes):
-            chosen[layer.name] = sizes
+        sizes = tuple(batch_sizes)
+        if not _same_bits_as_tensorflow(layer, sizes, sizes):  # fast at every size?
+            sizes = tuple(b for b in batch_sizes if _same_bits_as_tensorflow(layer, [b], [b]))
+            if not sizes or not _same_bits_as_tensorflow(layer, batch_sizes, sizes):
+                continue
+        chosen[layer.name] = sizes
     return chosen
 
 
