@@ -80,7 +80,8 @@ def _add_train_flags(p: argparse.ArgumentParser, *, out_required: bool = True) -
         default="update",
         help="with the feature cache on TensorFlow: XLA-compile Adam's update (update, "
         "the default: curves within ~1e-7 of the tutorial's), the head's whole train step "
-        "(step: fastest; the curves drift by float rounding, ~1e-3 over 10 epochs), or "
+        "(step: the curves drift by float rounding, ~1e-3 over 10 epochs; slower than update "
+        "on the 2-core test machine), or "
         "nothing (none: bitwise the tutorial's curves)",
     )
     p.add_argument("--out", required=out_required, help="run directory to write")

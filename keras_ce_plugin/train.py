@@ -24,8 +24,9 @@ order). So the head's large ``Dense`` layers compute it that way in training -- 
 each layer and batch size only where a probe on random data, run before ``fit``,
 shows bit-for-bit the output and gradients of TensorFlow's own (at batch sizes 2-15
 it does not, and TensorFlow's formula is used). The run stays bitwise the same
-(``fast_input_grad=False`` turns it off). By
-default, on the TensorFlow backend, Adam's own per-variable update step is
+(``fast_input_grad=False`` turns it off).
+
+**XLA.** By default, on the TensorFlow backend, Adam's own per-variable update step is
 XLA-compiled on this path (its element-wise operations fuse into one pass over
 each 4096x4096 kernel: 46 ms -> 15 ms per step on the 2-core test machine, next to
 ~15 ms for the head's forward and backward pass); XLA's fused multiply-adds
@@ -371,7 +372,6 @@ def _xla_step_head_class() -> type:
 # Dense layers with fewer inputs or units than this keep TensorFlow's gradient (no
 # time to gain).
 _FAST_INPUT_GRAD_MIN_SIZE = 1024
-_FAST_INPUT_GRAD_HEAD: type | None = None
 
 
 def _dense_fast_input_grad(layer: keras.layers.Layer, x: Any, fast_batches: Sequence[int]) -> Any:
@@ -464,29 +464,23 @@ def _fast_input_grad_layers(
     return chosen
 
 
-def _fast_input_grad_head_class() -> type:
+class _FastInputGradHead(keras.Sequential):
     """A ``keras.Sequential`` that, in training, runs the layers named in ``fast_dense``
-    through :func:`_dense_fast_input_grad` (same bits, less time), the others as usual."""
-    global _FAST_INPUT_GRAD_HEAD
-    if _FAST_INPUT_GRAD_HEAD is None:
+    (``{name: batch sizes}``) through :func:`_dense_fast_input_grad` (same bits, less
+    time), the others as usual."""
 
-        class FastInputGradHead(keras.Sequential):
-            __doc__ = _fast_input_grad_head_class.__doc__
-            fast_dense: dict = {}  # noqa: RUF012 - replaced per instance, never mutated
+    fast_dense: dict = {}  # noqa: RUF012 - replaced per instance, never mutated
 
-            def call(self, inputs: Any, training: Any = None, mask: Any = None) -> Any:
-                if not training or not self.fast_dense:
-                    return super().call(inputs, training=training, mask=mask)
-                h = inputs
-                for layer in self.layers:
-                    if layer.name in self.fast_dense:
-                        h = _dense_fast_input_grad(layer, h, self.fast_dense[layer.name])
-                    else:
-                        h = layer(h, training=training)
-                return h
-
-        _FAST_INPUT_GRAD_HEAD = FastInputGradHead
-    return _FAST_INPUT_GRAD_HEAD
+    def call(self, inputs: Any, training: Any = None, mask: Any = None) -> Any:
+        if not training or not self.fast_dense:
+            return super().call(inputs, training=training, mask=mask)
+        h = inputs
+        for layer in self.layers:
+            if layer.name in self.fast_dense:
+                h = _dense_fast_input_grad(layer, h, self.fast_dense[layer.name])
+            else:
+                h = layer(h, training=training)
+        return h
 
 
 def _head_model(
@@ -503,7 +497,7 @@ def _head_model(
     input gradient in training.
     """
     if fast_input_grad_batches and not xla_step:
-        head = _fast_input_grad_head_class()([keras.Input(input_shape), *head_layers], name="head")
+        head = _FastInputGradHead([keras.Input(input_shape), *head_layers], name="head")
         head.fast_dense = _fast_input_grad_layers(head_layers, fast_input_grad_batches)
         return head
     if xla_step:
@@ -745,9 +739,8 @@ def train(
             if len(f_train) != len(x_train) or len(f_test) != len(x_test):
                 raise KerasCEError("`features` do not match the images: pass those of this data.")
             timings["extract_features_s"] = time.perf_counter() - t
-            batches = [config.batch_size] + [len(f_train) % config.batch_size] * bool(
-                len(f_train) % config.batch_size
-            )
+            last = len(f_train) % config.batch_size  # the last, partial batch's size
+            batches = [config.batch_size, last] if last else [config.batch_size]
             fit_model = _head_model(
                 f_train.shape[1:],
                 head_layers,
@@ -1151,7 +1144,9 @@ def _train_as_worker(
     import shutil
     import tempfile
 
-    task = json.loads(os.environ["TF_CONFIG"])["task"]
+    from keras_ce_plugin import distribute
+
+    task = distribute.parse_tf_config()["task"]
     who = f"{task['type']} {task['index']}"
     _say(args, f"{who}: not the chief; the chief writes {args.out}")
     data = _load_data(args)
