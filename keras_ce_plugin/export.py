@@ -27,7 +27,7 @@ model with ``training=False``.
   batches with any of the three artifact kinds.
 
 Every artifact is written to a temporary sibling and renamed into place
-(:mod:`keras_ce_plugin.io`), so an interrupted export never leaves a half-written
+(:mod:`keras_ce_plugin.files`), so an interrupted export never leaves a half-written
 artifact where a good one was, and nothing is replaced without ``overwrite=True``.
 
 >>> parse_formats("onnx, savedmodel")
@@ -48,7 +48,6 @@ import datetime
 import importlib.metadata
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -61,8 +60,9 @@ from typing import Any
 import numpy as np
 
 from keras_ce_plugin import __version__
+from keras_ce_plugin._versions import versions as _versions
 from keras_ce_plugin.errors import KerasCEError
-from keras_ce_plugin.io import atomic_dir, atomic_path, sha256_file, write_json
+from keras_ce_plugin.files import atomic_dir, atomic_path, sha256_file, write_json
 
 __all__ = [
     "ArtifactExistsError",
@@ -139,16 +139,6 @@ def parse_formats(text: str) -> tuple[str, ...]:
             f"Received: formats={text!r}"
         )
     return tuple(fmt for fmt in FORMATS if fmt in names)
-
-
-def _versions() -> dict[str, str]:
-    out = {"keras_ce_plugin": __version__, "python": platform.python_version()}
-    for dist in ("keras", "tensorflow", "tf2onnx", "onnx", "onnxruntime", "numpy"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return out
 
 
 def _one_line(exc: BaseException) -> str:

@@ -64,19 +64,20 @@ import io
 import json
 import math
 import os
-import platform
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
 
-from keras_ce_plugin import io as kio
+from keras_ce_plugin import files as kio
+from keras_ce_plugin._versions import versions
 from keras_ce_plugin.data import load_cifar10
 from keras_ce_plugin.errors import KerasCEError
+from keras_ce_plugin.files import LOCK_FILE, run_lock
 from keras_ce_plugin.models import build_vgg16_classifier, split_base_and_head
 
 __all__ = [
@@ -837,23 +838,6 @@ def train(
 # --------------------------------------------------------------------------- #
 # Artifacts
 # --------------------------------------------------------------------------- #
-def versions() -> dict[str, str]:
-    """Versions of the software that produced a run."""
-    import tensorflow as tf
-
-    from keras_ce_plugin import __version__
-
-    return {
-        "keras_ce_plugin": __version__,
-        "keras": keras.__version__,
-        "keras_backend": keras.backend.backend(),
-        "tensorflow": tf.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
-
-
 def _png(draw: Callable[[Any], None], *, panels: int) -> bytes:
     import matplotlib
 
@@ -934,7 +918,6 @@ def write_run(
 # --------------------------------------------------------------------------- #
 # Command line
 # --------------------------------------------------------------------------- #
-LOCK_FILE = ".keras-ce.lock"
 # Flags that define a run: a resumed run takes them from its checkpoint.
 _RUN_FLAGS = (
     "data_dir",
@@ -1006,57 +989,6 @@ def _remove_temporaries(run_dir: Path, names: Sequence[str]) -> None:
     """Deletes what killed writers of ``names`` left in ``run_dir``."""
     for name in names:
         kio.clean_stale(run_dir / name)
-
-
-@contextlib.contextmanager
-def run_lock(run_dir: str | os.PathLike) -> Iterator[Path]:
-    """Holds ``RUN_DIR/.keras-ce.lock`` while a run writes ``RUN_DIR``.
-
-    The lock is an ``flock`` on the file, so it vanishes with its process: a run
-    killed with SIGKILL leaves no stale lock. A second run on the same directory
-    raises :class:`KerasCEError` naming the holder. The file is removed on exit.
-
-    >>> import tempfile
-    >>> d = Path(tempfile.mkdtemp())
-    >>> with run_lock(d):
-    ...     with run_lock(d):
-    ...         pass
-    Traceback (most recent call last):
-    ...
-    keras_ce_plugin.errors.KerasCEError: Another keras-ce run (pid ...) is writing ...
-    >>> sorted(d.iterdir())
-    []
-    """
-    import fcntl
-
-    run_dir = Path(run_dir)
-    path = run_dir / LOCK_FILE
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise KerasCEError(
-                f"Another keras-ce run ({holder}) is writing {run_dir}; refusing to run a "
-                "second one there. Wait for it to finish, or choose another --out (with "
-                "--overwrite too: it replaces a finished run, never one in progress)."
-            ) from None
-        try:  # The previous holder may have removed the file between our open and flock.
-            current = os.path.samestat(os.fstat(fd), os.stat(path))
-        except FileNotFoundError:
-            current = False
-        if current:
-            break
-        os.close(fd)
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {platform.node()}".encode())
-        yield path
-    finally:
-        path.unlink(missing_ok=True)
-        os.close(fd)
 
 
 def _resumed_args(args: Any, recorded: dict[str, Any]) -> Any:

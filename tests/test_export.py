@@ -27,7 +27,7 @@ from conftest import REPO, run_python
 from keras_ce_plugin import KerasCEError, __version__
 from keras_ce_plugin import export as ex
 from keras_ce_plugin.data import CIFAR10_CLASSES
-from keras_ce_plugin.io import sha256_file
+from keras_ce_plugin.files import sha256_file
 
 N_TRAIN = 1024
 N_TEST = 200

@@ -20,7 +20,7 @@ import pytest
 from conftest import REPO, run_python
 
 import keras_ce_plugin
-from keras_ce_plugin.io import sha256_file
+from keras_ce_plugin.files import sha256_file
 
 GOLDEN = Path(__file__).resolve().parent / "fixtures" / "golden"
 FOLDERS = sorted(p.parent for p in GOLDEN.glob("*/golden.json"))

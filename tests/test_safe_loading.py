@@ -7,7 +7,7 @@ load them. The control test shows that the hostile files really do run their cod
 once the user opts out of safe mode, so the "marker not written" checks can fail.
 
 Two layers are tested: Keras' own ``load_model`` (it must refuse or raise, never run
-code) and the plugin's ``keras_ce_plugin.io.load_keras_model`` helper, which turns
+code) and the plugin's ``keras_ce_plugin.files.load_keras_model`` helper, which turns
 every failure into a :class:`KerasCEError` naming the file (skipped until it exists).
 """
 
@@ -22,7 +22,7 @@ import pytest
 from conftest import REPO, run_python
 
 import keras_ce_plugin
-import keras_ce_plugin.io
+import keras_ce_plugin.files
 from keras_ce_plugin import KerasCEError
 
 CRAFT = textwrap.dedent(
@@ -165,10 +165,10 @@ def crafted(tmp_path_factory) -> Path:
 
 
 def _helper():
-    helper = getattr(keras_ce_plugin.io, "load_keras_model", None)
+    helper = getattr(keras_ce_plugin.files, "load_keras_model", None)
     if helper is None:
         pytest.skip(
-            "keras_ce_plugin.io.load_keras_model (load a .keras file with errors that name "
+            "keras_ce_plugin.files.load_keras_model (load a .keras file with errors that name "
             "it) is not in the package yet"
         )
     return helper
@@ -178,9 +178,9 @@ LOAD_ALL = textwrap.dedent(
     """
     import json, sys, os
     import numpy as np, keras
-    import keras_ce_plugin, keras_ce_plugin.io  # noqa: F401
+    import keras_ce_plugin, keras_ce_plugin.files  # noqa: F401
     out, names, use_helper = sys.argv[1], sys.argv[2].split(","), sys.argv[3] == "1"
-    load = keras_ce_plugin.io.load_keras_model if use_helper else keras.models.load_model
+    load = keras_ce_plugin.files.load_keras_model if use_helper else keras.models.load_model
     results = {}
     for name in names:
         try:

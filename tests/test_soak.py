@@ -1,7 +1,7 @@
 """Soak: many save -> load -> predict cycles, in one process and in fresh processes.
 
 One fresh process runs ``CYCLES`` consecutive cycles of a small model compiled with
-``"customloss>CategoricalCE"`` (each save goes through ``keras_ce_plugin.io.atomic_path``,
+``"customloss>CategoricalCE"`` (each save goes through ``keras_ce_plugin.files.atomic_path``,
 each load uses ``safe_mode=True``) and reports its resident memory (VmRSS from
 ``/proc/self/status``) after a warm-up and at the end. Then ``FRESH`` fresh processes
 (two chains side by side) each load the previous process' file, predict, and save
@@ -35,7 +35,7 @@ COMMON = textwrap.dedent(
     import json, os, resource, sys, time
     import numpy as np, keras
     import keras_ce_plugin  # noqa: F401
-    from keras_ce_plugin.io import atomic_path
+    from keras_ce_plugin.files import atomic_path
 
     def rss_mb():
         with open("/proc/self/status") as f:

@@ -1,4 +1,4 @@
-"""File input/output: atomic writes and a careful ``.keras`` loader.
+"""Files: atomic writes, the one `.keras` loader and the run lock.
 
 Every artifact (``model.keras``, JSON, PNG, exports) is written to a temporary
 sibling in the same directory and renamed into place, so an interrupted write
@@ -21,6 +21,7 @@ import ctypes.util
 import hashlib
 import json
 import os
+import platform
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from typing import Any
 
 from keras_ce_plugin.errors import KerasCEError
 
+LOCK_FILE = ".keras-ce.lock"
 _RENAME_EXCHANGE = 2  # linux/fs.h
 _AT_FDCWD = -100
 
@@ -203,6 +205,57 @@ def atomic_dir(target: str | os.PathLike, *, overwrite: bool = False) -> Iterato
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | os.PathLike) -> Iterator[Path]:
+    """Holds ``RUN_DIR/.keras-ce.lock`` while a run writes ``RUN_DIR``.
+
+    The lock is an ``flock`` on the file, so it vanishes with its process: a run
+    killed with SIGKILL leaves no stale lock. A second run on the same directory
+    raises :class:`KerasCEError` naming the holder. The file is removed on exit.
+
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp())
+    >>> with run_lock(d):
+    ...     with run_lock(d):
+    ...         pass
+    Traceback (most recent call last):
+    ...
+    keras_ce_plugin.errors.KerasCEError: Another keras-ce run (pid ...) is writing ...
+    >>> sorted(d.iterdir())
+    []
+    """
+    import fcntl
+
+    run_dir = Path(run_dir)
+    path = run_dir / LOCK_FILE
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise KerasCEError(
+                f"Another keras-ce run ({holder}) is writing {run_dir}; refusing to run a "
+                "second one there. Wait for it to finish, or choose another --out (with "
+                "--overwrite too: it replaces a finished run, never one in progress)."
+            ) from None
+        try:  # The previous holder may have removed the file between our open and flock.
+            current = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {platform.node()}".encode())
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

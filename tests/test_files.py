@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from keras_ce_plugin import io as kio
+from keras_ce_plugin import files as kio
 
 
 def _dead_pid() -> int:

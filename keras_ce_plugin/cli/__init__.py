@@ -1,0 +1,103 @@
+"""The ``keras-ce`` command line.
+
+Sub-commands: ``train``, ``compare`` (:mod:`keras_ce_plugin.cli.train`) and
+``export``, ``verify``, ``predict`` (:mod:`keras_ce_plugin.cli.export`). Each
+command module only turns arguments into calls of the library, which it imports
+when its command runs. A :class:`~keras_ce_plugin.errors.KerasCEError` (bad
+input) is printed on one line without a traceback and exits with status 2; so is
+a missing optional dependency, naming the extra to install.
+
+>>> parser = build_parser()
+>>> args = parser.parse_args(["train", "--out", "run", "--weights", "none"])
+>>> (args.command, args.epochs, args.batch_size, args.loss, args.weights)
+('train', 10, 32, 'customloss>CategoricalCE', 'none')
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from keras_ce_plugin.errors import KerasCEError
+
+EXIT_USAGE = 2
+
+# The import name of each optional dependency -> the extra that installs it.
+_EXTRA_OF_MODULE = {
+    "tensorflow": "experiment",
+    "matplotlib": "experiment",
+    "PIL": "experiment",
+    "tf2onnx": "export",
+    "onnx": "export",
+    "onnxruntime": "export",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``keras-ce`` (all sub-commands)."""
+    from keras_ce_plugin import __version__
+    from keras_ce_plugin.cli import export, train
+
+    parser = argparse.ArgumentParser(
+        prog="keras-ce",
+        description="Train, compare, export, verify and serve models that use the "
+        "keras_ce_plugin losses.",
+    )
+    parser.add_argument("--version", action="version", version=f"keras-ce {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    train.register(sub)
+    export.register(sub)
+    return parser
+
+
+def one_line(message: object) -> str:
+    """``message`` with every run of whitespace (newlines too) as one space."""
+    return " ".join(str(message).split())
+
+
+def _print_error(message: object) -> None:
+    print(f"keras-ce: error: {one_line(message)}", file=sys.stderr)
+
+
+def missing_extra_message(command: str, exc: ImportError, default_extra: str) -> str | None:
+    """The one-line message for a sub-command whose optional dependency is missing."""
+    name = (exc.name or "").split(".")[0]
+    if not name or name == "keras_ce_plugin":
+        return None
+    extra = _EXTRA_OF_MODULE.get(name, default_extra)
+    return (
+        f"`keras-ce {command}` needs {name}, which is not installed. Install the "
+        f"[{extra}] extra: pip install 'keras-ce-plugin[{extra}]'"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``keras-ce`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # The dispatch entries are not arguments: a run records ``vars(args)``.
+    handler, check, extra = args.handler, args.check, args.extra
+    del args.handler, args.check, args.extra
+    if check is not None:
+        check(parser, args)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        return int(handler(args) or 0)
+    except KerasCEError as exc:
+        _print_error(exc)
+        return EXIT_USAGE
+    except ModuleNotFoundError as exc:
+        message = missing_extra_message(args.command, exc, extra)
+        if message is None:
+            raise
+        _print_error(message)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        _print_error("interrupted")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
