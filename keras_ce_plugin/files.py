@@ -24,6 +24,7 @@ import os
 import platform
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -267,17 +268,60 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _customloss_names(obj: Any, found: set[str]) -> set[str]:
+def _strings(obj: Any, found: set[str]) -> set[str]:
     if isinstance(obj, str):
-        if obj.startswith("customloss>"):
-            found.add(obj)
+        found.add(obj)
     elif isinstance(obj, dict):
         for value in obj.values():
-            _customloss_names(value, found)
+            _strings(value, found)
     elif isinstance(obj, list):
         for value in obj:
-            _customloss_names(value, found)
+            _strings(value, found)
     return found
+
+
+def _check_loss_names(p: Path, config: dict[str, Any], *, compile: bool) -> None:
+    """Refuses names the plugin cannot resolve before Keras deserialises anything.
+
+    Every ``customloss>`` name must be one this plugin registers (it knows all of
+    them: another is from a newer plugin, a corrupt or a crafted file). Another
+    package's ``"P>N"`` loss in the compile config must be registered (its module
+    imported) to compile; for inference (``compile=False``) a one-line warning
+    names it.
+    """
+    from keras_ce_plugin import __version__, naming
+
+    unknown = sorted(
+        name
+        for name in _strings(config, set())
+        if name.startswith(naming.PREFIX) and name not in naming.LOSS_NAMES
+    )
+    if unknown:
+        raise KerasCEError(
+            f"{p} uses {', '.join(map(repr, unknown))}, which keras_ce_plugin {__version__} "
+            f"does not register (it registers: {', '.join(sorted(naming.LOSS_NAMES))}). The "
+            "file was written by a newer version of the plugin or edited: upgrade the "
+            "plugin, or load it with compile=False for inference."
+        )
+    compile_config = config.get("compile_config")
+    hint = (
+        " The model was compiled with it: import the module that registers it before "
+        "loading (keras-ce: --import MODULE), or load with compile=False for inference."
+    )
+    try:
+        naming.check_compile_config(compile_config, hint)
+    except naming.UnknownLossError as exc:
+        if compile:
+            raise KerasCEError(f"{p}: {exc}") from None
+        names = naming.registered_names_in(
+            [compile_config.get(k) for k in ("loss", "metrics", "weighted_metrics")]
+        )
+        missing = sorted({n for n in names if n not in naming.registered_losses()})
+        warnings.warn(
+            f"{p}: loaded for inference without its loss {', '.join(missing or names)}, which "
+            "no imported module registers (keras-ce: --import MODULE registers it).",
+            stacklevel=3,
+        )
 
 
 def load_keras_model(
@@ -290,8 +334,9 @@ def load_keras_model(
     """Loads a ``.keras`` file; every problem is a :class:`KerasCEError` naming the file.
 
     Before Keras deserialises anything it checks that the file is a complete zip
-    (CRC of every member), that ``config.json`` parses, and that every
-    ``customloss>`` name in it is one this plugin registers. Code stored in the
+    (CRC of every member), that ``config.json`` parses, that every ``customloss>``
+    name in it is one this plugin registers and that every other ``"P>N"`` loss of
+    its compile config is registered (with ``compile=False``: a warning). Code stored in the
     file (``Lambda`` layers, lambdas) is refused unless ``safe_mode=False``.
 
     >>> load_keras_model("/nonexistent/model.keras")
@@ -299,13 +344,9 @@ def load_keras_model(
     ...
     keras_ce_plugin.errors.KerasCEError: /nonexistent/model.keras: no such file.
     """
-    import warnings
     import zipfile
 
     import keras
-
-    from keras_ce_plugin import __version__
-    from keras_ce_plugin.naming import LOSS_NAMES
 
     p = Path(path)
     if not p.exists():
@@ -335,13 +376,7 @@ def load_keras_model(
         raise KerasCEError(f"{p} is corrupted: the member {bad!r} fails its CRC check.")
     if config is None:
         raise KerasCEError(f"{p} is not a Keras model file: it has no config.json.")
-    unknown = sorted(_customloss_names(config, set()) - set(LOSS_NAMES))
-    if unknown:
-        raise KerasCEError(
-            f"{p} uses {', '.join(map(repr, unknown))}, which keras_ce_plugin {__version__} "
-            f"does not register (it registers: {', '.join(sorted(LOSS_NAMES))}). The file "
-            "was written by another version of the plugin or edited."
-        )
+    _check_loss_names(p, config, compile=compile)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -1,22 +1,26 @@
-"""String names for the plugin's losses: ``compile(loss="customloss>CategoricalCE")``.
+"""Registered names in compile: ``compile(loss="customloss>CategoricalCE")``, ``"P>N"``.
 
 Keras 3 resolves a string loss or metric identifier only against its built-in
 table (``keras.losses.get``; keras-team/keras#20112), so a registered name such
-as ``"customloss>CategoricalCE"`` fails with "Could not interpret loss
-identifier". This is the plugin's single compatibility module:
+as ``"customloss>CategoricalCE"`` -- or a user's own loss registered with
+``keras.saving.register_keras_serializable(package="P", name="N")`` as
+``"P>N"`` -- fails with "Could not interpret loss identifier". This is the
+plugin's single compatibility module:
 
-* :func:`get` is public and patches nothing: it resolves the plugin's names and
-  defers everything else to ``keras.losses.get``.
+* :func:`get` is public and patches nothing: it resolves every registered
+  ``"P>N"`` loss name and defers everything else to ``keras.losses.get``.
 * :func:`install` (run on ``import keras_ce_plugin``) wraps ``get`` in
   ``keras.src.losses`` and ``keras.src.metrics`` -- the functions Keras' compile
   machinery (``keras.src.trainers.compile_utils``) calls at first use -- plus the
-  public ``keras.losses.get``/``keras.metrics.get`` aliases. Only names under the
-  ``customloss>`` package are intercepted; every other identifier goes to the
-  original function unchanged. It also wraps ``Trainer.compile_from_config``:
-  a saved compile config keeps the string name, which Keras' deserializer would
-  turn into the bare loss *class* (usable for training, but the reloaded model
-  could not be saved again); the wrapper keeps such names as strings, so the
-  reloaded model is compiled exactly as the saved one was. It is idempotent, does nothing on a Keras that already
+  public ``keras.losses.get``/``keras.metrics.get`` aliases. Only identifiers
+  with a ``>`` (registered names) are intercepted; every other identifier goes
+  to the original function unchanged. It also wraps
+  ``Trainer.compile_from_config``: a saved compile config keeps the string name,
+  which Keras' deserializer would turn into the bare loss *class* (usable for
+  training, but the reloaded model could not be saved again); the wrapper keeps
+  such names as strings, so the reloaded model is compiled exactly as the saved
+  one was, and refuses a name that nothing registers at load time (rather than at
+  the first ``fit``). It is idempotent, does nothing on a Keras that already
   resolves registered names, and raises :class:`KerasCompatibilityError` if the
   internals it relies on are not where it expects them. Set
   ``KERAS_CE_NO_PATCH=1`` to skip it (then pass loss instances or use :func:`get`).
@@ -65,40 +69,101 @@ class KerasCompatibilityError(ImportError):
     """The Keras internals that string-name resolution relies on have changed."""
 
 
-def _unknown(identifier: str) -> ValueError:
-    valid = ", ".join(sorted(LOSS_NAMES))
-    return ValueError(
-        f"Unknown loss identifier: {identifier!r}. The `{_losses.PACKAGE}` package "
-        f"registers: {valid}."
-    )
+class UnknownLossError(ValueError):
+    """A ``"P>N"`` identifier that no imported module registers as a loss."""
+
+
+def is_registered_name(identifier: Any) -> bool:
+    """Whether ``identifier`` has the ``"package>Name"`` form of a registered name."""
+    return isinstance(identifier, str) and ">" in identifier
+
+
+def _is_loss(obj: Any) -> bool:
+    if inspect.isclass(obj):
+        return issubclass(obj, keras.losses.Loss)
+    return callable(obj)
+
+
+def registered_losses(package: str | None = None) -> list[str]:
+    """The registered ``"P>N"`` names of loss classes and functions, sorted.
+
+    >>> registered_losses("customloss")[:2]
+    ['customloss>BinaryCE', 'customloss>CategoricalCE']
+    """
+    names = [
+        name
+        for name, obj in keras.saving.get_custom_objects().items()
+        if is_registered_name(name) and _is_loss(obj)
+    ]
+    if package is not None:
+        names = [name for name in names if name.split(">", 1)[0] == package]
+    return sorted(names)
+
+
+def unknown_loss_error(identifier: str, hint: str = "") -> UnknownLossError:
+    """The error for an unknown ``"P>N"``: it lists what package ``P`` registers."""
+    package = identifier.split(">", 1)[0]
+    in_package = registered_losses(package)
+    if in_package:
+        known = f"The `{package}` package registers: {', '.join(in_package)}."
+    else:
+        everything = registered_losses()
+        known = (
+            f"No imported module registers a loss in the `{package}` package; the "
+            f"registered losses are: {', '.join(everything) or 'none'}."
+        )
+    if not hint and package != _losses.PACKAGE:
+        hint = (
+            f" Import the module that registers it (@keras.saving.register_keras_serializable("
+            f'package="{package}")) before using the name.'
+        )
+    return UnknownLossError(f"Unknown loss identifier: {identifier!r}. {known}{hint}")
+
+
+def _lookup(identifier: str) -> Any:
+    obj = keras.saving.get_registered_object(identifier)
+    is_metric = inspect.isclass(obj) and issubclass(obj, keras.metrics.Metric)
+    if obj is None or not (_is_loss(obj) or is_metric):
+        raise unknown_loss_error(identifier)
+    return obj
+
+
+def _loss_as_metric(obj: Any) -> Any:
+    """A per-sample mean over all samples, named after the loss."""
+    if not inspect.isclass(obj):
+        return keras.metrics.MeanMetricWrapper(fn=obj, name=obj.__name__)
+    try:
+        inst = obj(reduction=None)
+    except TypeError:  # A user loss whose __init__ takes no `reduction`.
+        inst = obj()
+        return keras.metrics.MeanMetricWrapper(fn=inst.call, name=inst.name)
+    return keras.metrics.MeanMetricWrapper(fn=inst, name=inst.name)
 
 
 def _resolve(identifier: str, kind: str) -> Any:
-    obj = keras.saving.get_registered_object(identifier)
-    if obj is None or identifier not in LOSS_NAMES:
-        raise _unknown(identifier)
+    obj = _lookup(identifier)
+    if inspect.isclass(obj) and issubclass(obj, keras.metrics.Metric):
+        if kind == "metric":
+            return obj()
+        raise unknown_loss_error(identifier, f" ({identifier!r} is a metric, not a loss.)")
     if kind == "metric":
-        # A per-sample mean over all samples, named after the loss.
-        if inspect.isclass(obj):
-            inst = obj(reduction=None)
-            return keras.metrics.MeanMetricWrapper(fn=inst, name=inst.name)
-        return keras.metrics.MeanMetricWrapper(fn=obj, name=obj.__name__)
+        return _loss_as_metric(obj)
     return obj() if inspect.isclass(obj) else obj
 
 
 def get(identifier: Any) -> Any:
-    """Resolves a loss identifier, including the plugin's ``customloss>`` names.
+    """Resolves a loss identifier, including every registered ``"P>N"`` name.
 
-    Works without patching Keras: a ``customloss>`` string gives a new loss
+    Works without patching Keras: a registered ``"P>N"`` string gives a new loss
     instance (for class names) or the function; anything else is passed to
     ``keras.losses.get``.
 
     >>> get("customloss>Nope")
     Traceback (most recent call last):
     ...
-    ValueError: Unknown loss identifier: 'customloss>Nope'. The `customloss` package registers: ...
+    keras_ce_plugin.naming.UnknownLossError: Unknown loss identifier: 'customloss>Nope'. The `customloss` package registers: ...
     """
-    if isinstance(identifier, str) and identifier.startswith(PREFIX):
+    if is_registered_name(identifier):
         return _resolve(identifier, "loss")
     original = getattr(keras.losses.get, _MARK, keras.losses.get)
     return original(identifier)
@@ -107,7 +172,7 @@ def get(identifier: Any) -> Any:
 def _wrap(original, kind: str):
     @functools.wraps(original)
     def patched_get(identifier):
-        if isinstance(identifier, str) and identifier.startswith(PREFIX):
+        if is_registered_name(identifier):
             return _resolve(identifier, kind)
         return original(identifier)
 
@@ -119,19 +184,42 @@ _TRAINER = ("keras.src.trainers.trainer", "Trainer", "compile_from_config")
 _COMPILE_KEYS = ("loss", "metrics", "weighted_metrics")
 
 
-def _has_names(value: Any) -> bool:
-    if isinstance(value, str):
-        return value in LOSS_NAMES
-    if isinstance(value, (list, tuple)):
-        return any(_has_names(v) for v in value)
-    if isinstance(value, dict) and "class_name" not in value:
-        return any(_has_names(v) for v in value.values())
-    return False
+def registered_names_in(value: Any, found: list[str] | None = None) -> list[str]:
+    """The ``"P>N"`` strings of a compile config's loss/metrics entry, in order."""
+    found = [] if found is None else found
+    if is_registered_name(value):
+        found.append(value)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            registered_names_in(v, found)
+    elif isinstance(value, dict) and "class_name" not in value:
+        for v in value.values():
+            registered_names_in(v, found)
+    return found
+
+
+def check_compile_config(config: Any, hint: str = "") -> None:
+    """Raises :class:`UnknownLossError` for a ``"P>N"`` name nothing registers."""
+    if not isinstance(config, dict):
+        return
+    for key in _COMPILE_KEYS:
+        for name in registered_names_in(config.get(key)):
+            try:
+                _lookup(name)
+            except UnknownLossError:
+                raise unknown_loss_error(name, hint) from None
+
+
+_LOAD_HINT = (
+    " The saved model was compiled with it: import the module that registers it "
+    "(or upgrade keras_ce_plugin, for a `customloss>` name) before loading, or load "
+    "with compile=False for inference."
+)
 
 
 def _deserialize_keeping_names(value: Any) -> Any:
-    """``keras.saving.deserialize_keras_object``, but the plugin's names stay strings."""
-    if isinstance(value, str) and value in LOSS_NAMES:
+    """``keras.saving.deserialize_keras_object``, but registered names stay strings."""
+    if is_registered_name(value):
         return value
     if isinstance(value, (list, tuple)):
         return type(value)(_deserialize_keeping_names(v) for v in value)
@@ -143,16 +231,17 @@ def _deserialize_keeping_names(value: Any) -> Any:
 def _wrap_compile_from_config(original, trainer_cls):
     @functools.wraps(original)
     def compile_from_config(self, config):
-        # Keras deserializes a saved "customloss>..." string to the bare class:
+        # Keras deserializes a saved "P>N" string to the bare class:
         # training works, but model.loss is then a class and the reloaded model
         # cannot be saved again. Keep the strings, exactly as first compiled
         # (same logged metric names too); they resolve through `get` as before.
         if (
             not isinstance(config, dict)
             or type(self).compile is not trainer_cls.compile
-            or not any(_has_names(config.get(key)) for key in _COMPILE_KEYS)
+            or not any(registered_names_in(config.get(key)) for key in _COMPILE_KEYS)
         ):
             return original(self, config)
+        check_compile_config(config, _LOAD_HINT)
         config = {k: _deserialize_keeping_names(v) for k, v in config.items()}
         self.compile(**config)
         if hasattr(self, "optimizer") and self.built:

@@ -249,23 +249,28 @@ def test_control_hostile_file_runs_code_once_user_opts_out(crafted, tmp_path, na
         marker.unlink(missing_ok=True)
 
 
-def test_unknown_plugin_name_in_file_is_named_by_keras_at_first_use(crafted):
-    """Keras itself loads such a file and fails at first use; the error names the loss."""
+def test_unknown_plugin_name_in_file_is_refused_at_load(crafted):
+    """After ``import keras_ce_plugin``, Keras' own loader refuses such a file at load
+    (not at the first fit/evaluate) with the identifier, the valid names and the hints."""
     code = textwrap.dedent(
         f"""
-        import numpy as np, keras
+        import keras
         import keras_ce_plugin  # noqa: F401
-        model = keras.models.load_model({str(crafted / "unknown_loss.keras")!r})
         try:
-            model.evaluate(np.zeros((2, 4), "float32"), np.eye(3)[:2], verbose=0)
+            keras.models.load_model({str(crafted / "unknown_loss.keras")!r})
         except ValueError as exc:
             print("RESULT", exc)
         else:
-            raise SystemExit("evaluated with an unknown loss")
+            raise SystemExit("loaded a model compiled with an unknown loss")
+        model = keras.models.load_model({str(crafted / "unknown_loss.keras")!r}, compile=False)
+        print("INFERENCE", model.count_params() > 0)
         """
     )
     out = run_python(code, cwd=REPO, timeout=300).stdout
-    assert "customloss>NoSuchLoss" in out and "customloss>CategoricalCE" in out, out
+    result = next(line for line in out.splitlines() if line.startswith("RESULT"))
+    assert "customloss>NoSuchLoss" in result and "customloss>CategoricalCE" in result, out
+    assert "upgrade keras_ce_plugin" in result and "compile=False" in result, out
+    assert "INFERENCE True" in out, out
 
 
 @pytest.mark.parametrize("name", DAMAGED)
