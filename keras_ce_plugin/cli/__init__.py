@@ -16,6 +16,7 @@ a missing optional dependency, naming the extra to install.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from collections.abc import Sequence
@@ -24,15 +25,21 @@ from keras_ce_plugin.errors import KerasCEError
 
 EXIT_USAGE = 2
 
-# The import name of each optional dependency -> the extra that installs it.
-_EXTRA_OF_MODULE = {
-    "tensorflow": "experiment",
-    "matplotlib": "experiment",
-    "PIL": "experiment",
-    "tf2onnx": "export",
-    "onnx": "export",
-    "onnxruntime": "export",
+# What each sub-command needs before it starts (checked up front, so that a missing
+# extra is named at once rather than after loading data or a model).
+_REQUIRES = {
+    "train": ("tensorflow", "matplotlib"),
+    "compare": ("tensorflow", "matplotlib"),
+    "export": ("tensorflow",),
+    "verify": ("tensorflow",),
 }
+
+
+def _missing(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is None
+    except ImportError:
+        return True
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,12 +68,11 @@ def _print_error(message: object) -> None:
     print(f"keras-ce: error: {one_line(message)}", file=sys.stderr)
 
 
-def missing_extra_message(command: str, exc: ImportError, default_extra: str) -> str | None:
+def missing_extra_message(command: str, name: str, extra: str) -> str | None:
     """The one-line message for a sub-command whose optional dependency is missing."""
-    name = (exc.name or "").split(".")[0]
+    name = name.split(".")[0]
     if not name or name == "keras_ce_plugin":
         return None
-    extra = _EXTRA_OF_MODULE.get(name, default_extra)
     return (
         f"`keras-ce {command}` needs {name}, which is not installed. Install the "
         f"[{extra}] extra: pip install 'keras-ce-plugin[{extra}]'"
@@ -83,13 +89,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if check is not None:
         check(parser, args)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    for module in _REQUIRES.get(args.command, ()):
+        if _missing(module):
+            _print_error(missing_extra_message(args.command, module, extra))
+            return EXIT_USAGE
     try:
         return int(handler(args) or 0)
     except KerasCEError as exc:
         _print_error(exc)
         return EXIT_USAGE
     except ModuleNotFoundError as exc:
-        message = missing_extra_message(args.command, exc, extra)
+        message = missing_extra_message(args.command, exc.name or "", extra)
         if message is None:
             raise
         _print_error(message)
