@@ -10,7 +10,7 @@ VGG16 base + Flatten, Dense 4096, Dropout, Dense 4096, Dropout, Dense 10 softmax
 Runtimes: ``keras.predict`` (``model.predict``), ``keras.call`` (``model(x)``),
 ``savedmodel`` (``serving_default`` of the exported SavedModel, fed NumPy),
 ``onnx`` and ``onnx.int8`` (ONNX Runtime, CPU, options from
-``keras_ce_plugin._serve_onnx.session_options``: all graph optimisations,
+``keras_ce_plugin.export._serve_onnx.session_options``: all graph optimisations,
 sequential, ``--threads`` intra-op threads). ``--sweep-ort`` also measures other
 ONNX Runtime settings so the chosen ones are justified by numbers.
 
@@ -132,7 +132,7 @@ def measure(runtimes: dict, x_big: np.ndarray, args) -> dict:
 def ort_sweep(onnx_path: str, x_big: np.ndarray, args) -> None:
     import onnxruntime as ort
 
-    from keras_ce_plugin._serve_onnx import session_options
+    from keras_ce_plugin.export._serve_onnx import session_options
 
     n_cpu = len(os.sched_getaffinity(0))
     variants = {}
@@ -163,15 +163,16 @@ def main(argv=None) -> int:
     import tensorflow as tf
 
     from keras_ce_plugin import export as ex
-    from keras_ce_plugin._serve_onnx import OnnxPredictor
     from keras_ce_plugin.data import load_cifar10
+    from keras_ce_plugin.export._serve_onnx import OnnxPredictor
+    from keras_ce_plugin.files import load_keras_model
 
     n_train = max(args.train_images, ex.INT8_CALIBRATION_IMAGES)
     (x_train, y_train), (x_test, y_test) = load_cifar10(
         args.data_dir, limit_train=n_train, limit_test=args.eval_images
     )
     if args.model:
-        model = keras.saving.load_model(args.model, compile=False)
+        model = load_keras_model(args.model, compile=False)
         source = args.model
     else:
         model = build_model(args, x_train, y_train)

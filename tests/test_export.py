@@ -26,13 +26,14 @@ from conftest import REPO, run_python
 
 from keras_ce_plugin import KerasCEError, __version__
 from keras_ce_plugin import export as ex
+from keras_ce_plugin.cli.export import verify_command
 from keras_ce_plugin.data import CIFAR10_CLASSES
 from keras_ce_plugin.files import sha256_file
 
 N_TRAIN = 1024
 N_TEST = 200
 ATOL = 1e-5
-SERVE_SAVEDMODEL = REPO / "keras_ce_plugin" / "_serve_savedmodel.py"
+SERVE_SAVEDMODEL = REPO / "keras_ce_plugin" / "export" / "_serve_savedmodel.py"
 
 
 def cli(*args, expect: int = 0, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -367,7 +368,7 @@ def test_verify_rejects_a_damaged_export(shared, cifar_dir, tmp_path, kind):
     shutil.copytree(shared["export"], export)
     expected = _damage(kind, export)
     with pytest.raises(KerasCEError) as info:
-        ex.verify_command(verify_args(export, cifar_dir))
+        verify_command(verify_args(export, cifar_dir))
     message = " ".join(str(info.value).split())
     assert expected in message, message
 
@@ -406,7 +407,7 @@ def test_verify_fails_when_an_artifact_predicts_differently(shared, cifar_dir, t
     kernel.assign(kernel.numpy() * 1.01)  # a slightly different model
     ex.export_onnx(model, export / "model.onnx", overwrite=True)
     _resign(export, "model.onnx", ["keras", "onnx"])
-    assert ex.verify_command(verify_args(export, cifar_dir, limit_test=50)) == 1
+    assert verify_command(verify_args(export, cifar_dir, limit_test=50)) == 1
     out = capsys.readouterr()
     onnx_row = next(line for line in out.out.splitlines() if line.startswith("onnx"))
     assert "FAIL" in onnx_row and "max |diff| > atol" in onnx_row, out.out
@@ -421,7 +422,58 @@ def test_verify_rejects_a_corrupt_artifact_even_with_a_matching_manifest(
     (export / "model.onnx").write_bytes(b"\x08\x07" + os.urandom(200))  # not a valid model
     _resign(export, "model.onnx", ["keras", "onnx"])
     with pytest.raises(KerasCEError, match="model.onnx failed to load or predict in a fresh"):
-        ex.verify_command(verify_args(export, cifar_dir, limit_test=20))
+        verify_command(verify_args(export, cifar_dir, limit_test=20))
+
+
+# --------------------------------------------------------------------------- #
+# One .keras loader: keras_ce_plugin.files.load_keras_model's rules apply
+# --------------------------------------------------------------------------- #
+def write_unknown_loss_model(src: Path, dst: Path) -> Path:
+    """A copy of the real model ``src`` whose compile config names ``customloss>NoSuchLoss``."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as z:
+        members = {info.filename: z.read(info.filename) for info in z.infolist()}
+    config = json.loads(members["config.json"])
+    config["compile_config"]["loss"] = "customloss>NoSuchLoss"
+    members["config.json"] = json.dumps(config).encode()
+    with zipfile.ZipFile(dst, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return dst
+
+
+def _assert_unknown_loss_error(proc: subprocess.CompletedProcess, path: Path) -> None:
+    assert "Traceback" not in proc.stderr, proc.stderr
+    (line,) = [line for line in proc.stderr.splitlines() if "keras-ce: error:" in line]
+    assert "customloss>NoSuchLoss" in line and "customloss>CategoricalCE" in line, line
+    assert "does not register (it registers:" in line and str(path) in line, line
+
+
+@pytest.mark.parametrize("command", ["export", "predict", "verify"])
+def test_cli_refuses_a_model_with_an_unknown_loss(shared, cifar_dir, tmp_path, command):
+    bad = write_unknown_loss_model(shared["model"], tmp_path / "model.keras")
+    if command == "export":
+        proc = cli("export", bad, "--out", tmp_path / "out", expect=2)
+        assert not (tmp_path / "out").exists()
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    elif command == "predict":
+        np.save(tmp_path / "one.npy", np.load(shared["x_test"])[:1])
+        proc = cli("predict", bad, tmp_path / "one.npy", expect=2)
+    else:
+        # An export whose model.keras is the edited file, with a manifest to match.
+        export = tmp_path / "export"
+        shutil.copytree(shared["export"], export)
+        shutil.copyfile(bad, export / "model.keras")
+        manifest = json.loads((export / "manifest.json").read_text())
+        manifest["files"]["model.keras"] = {
+            "sha256": sha256_file(bad),
+            "bytes": bad.stat().st_size,
+        }
+        (export / "manifest.json").write_text(json.dumps(manifest))
+        proc = cli("verify", export, "--data-dir", cifar_dir, "--limit-test", 20, expect=2)
+        bad = (export / "model.keras").resolve()
+    _assert_unknown_loss_error(proc, bad)
 
 
 # --------------------------------------------------------------------------- #
@@ -496,7 +548,7 @@ def test_sigkill_during_export_leaves_the_previous_export_intact(shared, cifar_d
 
     # The previous export is untouched, passes its hash check and verifies.
     assert (export / "manifest.json").read_bytes() == before
-    assert ex.verify_command(verify_args(export, cifar_dir, limit_test=50)) == 0
+    assert verify_command(verify_args(export, cifar_dir, limit_test=50)) == 0
     # A new export over the previous one still works.
     manifest = ex.export_model_dir(
         tmp_path / "model2.keras", export, overwrite=True, log=lambda *_: None
@@ -555,7 +607,7 @@ def test_verify_judges_an_int8_model_by_top1_agreement(shared, cifar_dir, tmp_pa
         "bytes": (export / "model.int8.onnx").stat().st_size,
     }
     (export / "manifest.json").write_text(json.dumps(manifest))
-    rc = ex.verify_command(verify_args(export, cifar_dir))
+    rc = verify_command(verify_args(export, cifar_dir))
     out = capsys.readouterr().out
     row = next(line.split() for line in out.splitlines() if line.startswith("onnx_int8"))
     agreement = float(row[4].rstrip("%")) / 100

@@ -17,6 +17,7 @@ from test_export import cli, make_shared_export
 
 from keras_ce_plugin import KerasCEError
 from keras_ce_plugin import export as ex
+from keras_ce_plugin.cli.export import predict_command
 from keras_ce_plugin.data import CIFAR10_CLASSES
 
 ARTIFACTS = {"keras": "model.keras", "savedmodel": "saved_model", "onnx": "model.onnx"}
@@ -74,7 +75,7 @@ def test_predict_matches_the_original_model(kind, shared, images, capsys):
         images["npy_single"],
         images["jpeg"],
     ]
-    assert ex.predict_command(predict_args(artifact, paths, top_k=3)) == 0
+    assert predict_command(predict_args(artifact, paths, top_k=3)) == 0
     rows = parse(capsys.readouterr().out)
     # 3 PNGs, 5 + 5 + 1 from the .npy files, 1 JPEG, in order.
     assert [r[0] for r in rows[:3]] == [str(images[f"png{i}"]) for i in range(3)]
@@ -95,7 +96,7 @@ def test_predict_matches_the_original_model(kind, shared, images, capsys):
 
 def test_top_k_is_capped_at_the_number_of_classes(shared, images, capsys):
     artifact = shared["export"] / "model.onnx"
-    assert ex.predict_command(predict_args(artifact, [images["png0"]], top_k=50)) == 0
+    assert predict_command(predict_args(artifact, [images["png0"]], top_k=50)) == 0
     ((_, ranked),) = parse(capsys.readouterr().out)
     assert sorted(name for name, _ in ranked) == sorted(CIFAR10_CLASSES)
     assert sum(p for _, p in ranked) == pytest.approx(1.0, abs=1e-3)
@@ -181,7 +182,7 @@ BAD_INPUTS = [
 def test_predict_rejects_bad_images(kind, shared, images, tmp_path):
     path, message = _bad_input(kind, tmp_path, images["png0"])
     with pytest.raises(KerasCEError) as info:
-        ex.predict_command(predict_args(shared["export"] / "model.onnx", [images["png0"], path]))
+        predict_command(predict_args(shared["export"] / "model.onnx", [images["png0"], path]))
     text = " ".join(str(info.value).split())
     assert message in text and (str(path) in text or kind == "missing"), text
 
@@ -239,7 +240,7 @@ def _bad_artifact(kind: str, d: Path, shared: dict, other_shape_onnx: Path) -> t
 def test_predict_rejects_bad_artifacts(kind, shared, images, tmp_path, other_shape_onnx):
     artifact, message = _bad_artifact(kind, tmp_path, shared, other_shape_onnx)
     with pytest.raises(KerasCEError) as info:
-        ex.predict_command(predict_args(artifact, [images["png0"]]))
+        predict_command(predict_args(artifact, [images["png0"]]))
     text = " ".join(str(info.value).split())
     assert message in text and str(artifact) in text, text
 

@@ -1,8 +1,14 @@
-"""``keras-ce export``, ``verify`` and ``predict``: serving artifacts."""
+"""``keras-ce export``, ``verify`` and ``predict``: serving artifacts.
+
+Each command turns its arguments into calls of :mod:`keras_ce_plugin.export`
+(imported when the command runs) and prints the results.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 from keras_ce_plugin.cli._args import add_data_flags, positive_int
 
@@ -28,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--quantize",
         choices=["int8"],
         default=None,
-        help="also write model.int8.onnx (kept only if >= 2x faster with >= 99%% top-1 agreement)",
+        help="also write model.int8.onnx, kept only if it meets the speed-up and top-1 "
+        "agreement thresholds (both recorded in manifest.json)",
     )
     p.add_argument(
         "--data-dir",
@@ -61,18 +68,73 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def export_command(args: argparse.Namespace) -> int:
+    """``keras-ce export MODEL --out DIR [--formats ...] [--opset N] [--quantize int8]``."""
     from keras_ce_plugin import export
 
-    return export.export_command(args)
+    out = Path(args.out)
+    print(f"Exporting {args.model} to {out}/")
+    manifest = export.export_model_dir(
+        args.model,
+        out,
+        formats=export.parse_formats(args.formats),
+        opset=args.opset,
+        quantize=args.quantize,
+        overwrite=bool(args.overwrite),
+        data_dir=getattr(args, "data_dir", None),
+        log=print,
+    )
+    print(
+        f"Wrote {out}/ ({', '.join(manifest['formats'])}; {len(manifest['files'])} files "
+        f"hashed in {export.MANIFEST_FILE}). Check it with: keras-ce verify {out}"
+    )
+    return 0
+
+
+def _fmt(value, spec: str, missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
 
 
 def verify_command(args: argparse.Namespace) -> int:
+    """``keras-ce verify DIR [--data-dir D] [--limit-test N] [--atol 1e-5]``."""
     from keras_ce_plugin import export
 
-    return export.verify_command(args)
+    export_dir = Path(args.export_dir)
+    manifest, n_files = export.check_export(export_dir)
+    print(f"{export_dir}/{export.MANIFEST_FILE}: {n_files} files, sizes and SHA-256 match")
+    images, labels = export.verification_images(args.data_dir, args.limit_test)
+    result = export.compare_artifacts(export_dir, manifest, images, labels, atol=args.atol)
+    print(
+        f"Predictions on {result['images']} CIFAR-10 test images, each artifact in a fresh "
+        f"process (atol {result['atol']:g}):"
+    )
+    print(
+        f"{'format':<11} {'runtime':<20} {'max |Δ| vs Keras':>16} {'top-1 agree':>11} "
+        f"{'accuracy':>8} {'load s':>6}  result"
+    )
+    for r in result["rows"]:
+        status = "reference" if r["format"] == "keras" else ("ok" if r["ok"] else "FAIL")
+        if r["problem"]:
+            status += f" ({r['problem']})"
+        print(
+            f"{r['format']:<11} {r['runtime']:<20} {_fmt(r['max_abs_diff'], '.3g'):>16} "
+            f"{_fmt(r['agreement'], '.2%'):>11} {_fmt(r['accuracy'], '.4f'):>8} "
+            f"{_fmt(r['load_s'], '.2f'):>6}  {status}"
+        )
+    if not result["ok"]:
+        failed = ", ".join(r["format"] for r in result["rows"] if not r["ok"])
+        print(f"keras-ce verify: FAILED: {failed} differ from the Keras model", file=sys.stderr)
+        return 1
+    print("OK: every artifact matches the Keras model")
+    return 0
 
 
 def predict_command(args: argparse.Namespace) -> int:
+    """``keras-ce predict ARTIFACT IMAGE... [--top-k 3]``: prints the top classes per image."""
     from keras_ce_plugin import export
 
-    return export.predict_command(args)
+    images, labels = export.load_images(args.images)
+    probabilities, class_names = export.predict_images(args.artifact, images)
+    width = max(len(label) for label in labels)
+    for label, ranked in zip(labels, export.top_classes(probabilities, class_names, args.top_k)):
+        print(f"{label:<{width}}  " + ", ".join(f"{name} {p:.4f}" for name, p in ranked))
+    return 0

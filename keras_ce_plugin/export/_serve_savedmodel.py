@@ -1,7 +1,7 @@
 """Serve an exported SavedModel with TensorFlow alone: no Keras, no keras_ce_plugin.
 
 This file is deliberately self-contained (standard library, NumPy and TensorFlow
-only) so that :mod:`keras_ce_plugin.export` can run it as a script in a fresh
+only) so that :mod:`keras_ce_plugin.export.verify` can run it as a script in a fresh
 process and prove that an export serves without the package that made it.
 ``import tensorflow`` itself eagerly imports ``keras.src.optimizers`` whenever
 Keras is installed (``tensorflow/__init__.py``), so :func:`block_imports` first
@@ -29,9 +29,19 @@ from __future__ import annotations
 import importlib.abc
 import importlib.machinery
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
+
+# Run as a script, this file's directory would come first on sys.path, and it holds
+# onnx.py (which would shadow the onnx package): drop it.
+if (
+    __name__ == "__main__"
+    and sys.path
+    and os.path.realpath(sys.path[0] or ".") == (os.path.dirname(os.path.realpath(__file__)))
+):
+    del sys.path[0]
 
 SIGNATURE_KEY = "serving_default"
 INPUT_NAME = "images"

@@ -1,7 +1,7 @@
 """Serve an exported ONNX model with ONNX Runtime alone: no TensorFlow, no Keras.
 
 Self-contained (standard library, NumPy and ONNX Runtime only) so that
-:mod:`keras_ce_plugin.export` can run it as a script in a fresh process and check
+:mod:`keras_ce_plugin.export.verify` can run it as a script in a fresh process and check
 that TensorFlow, Keras and keras_ce_plugin were never imported there (nothing is
 blocked: the check is that nothing asked for them).
 
@@ -21,6 +21,15 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+
+# Run as a script, this file's directory would come first on sys.path, and it holds
+# onnx.py (which would shadow the onnx package): drop it.
+if (
+    __name__ == "__main__"
+    and sys.path
+    and os.path.realpath(sys.path[0] or ".") == (os.path.dirname(os.path.realpath(__file__)))
+):
+    del sys.path[0]
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "probabilities"

@@ -1,0 +1,246 @@
+"""Check an export: manifest hashes, then every artifact in its own fresh process.
+
+Each artifact is loaded by a worker in a new Python process (:data:`WORKERS`):
+the Keras model with this package; the SavedModel with ``keras`` and
+``keras_ce_plugin`` made unimportable (``_serve_savedmodel.py``); the ONNX
+models with ONNX Runtime and without TensorFlow (``_serve_onnx.py``). The two
+serving workers are run as scripts by path, so they need nothing but NumPy and
+their runtime. Each writes its predictions and a JSON report; the predictions are
+compared with the Keras model's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from keras_ce_plugin.errors import KerasCEError
+from keras_ce_plugin.export.bundle import ARTIFACTS, check_files, read_manifest
+from keras_ce_plugin.export.quantize import INT8_MIN_AGREEMENT
+
+_HERE = Path(__file__).resolve().parent
+_PACKAGE_ROOT = _HERE.parent.parent  # the directory that holds keras_ce_plugin/
+_WORKER_TIMEOUT_S = 1800
+# Runs a worker script by path without adding the working directory to sys.path.
+_RUN_SCRIPT = (
+    "import runpy, sys; del sys.path[0]; sys.argv = sys.argv[1:]; "
+    "runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+_RUN_KERAS = (
+    "import sys; from keras_ce_plugin.export.verify import keras_worker; "
+    "sys.exit(keras_worker(sys.argv[1:]))"
+)
+#: format -> (what it is, the runtime of its worker process).
+WORKERS = {
+    "keras": ("Keras model", "keras + keras_ce_plugin"),
+    "savedmodel": ("SavedModel", "TensorFlow without keras/keras_ce_plugin"),
+    "onnx": ("ONNX model", "ONNX Runtime without TensorFlow"),
+    "onnx_int8": ("int8 ONNX model", "ONNX Runtime without TensorFlow"),
+}
+_SCRIPTS = {
+    "savedmodel": "_serve_savedmodel.py",
+    "onnx": "_serve_onnx.py",
+    "onnx_int8": "_serve_onnx.py",
+}
+
+
+def keras_worker(argv: Sequence[str]) -> int:
+    """Worker: predicts IMAGES.npy with the .keras model; writes OUT.npy and a report.
+
+    The model is loaded with :func:`keras_ce_plugin.files.load_keras_model`
+    (``compile=False``); a :class:`KerasCEError` is printed on one line (exit 2).
+    """
+    import keras
+
+    from keras_ce_plugin.files import load_keras_model
+
+    artifact, images_path, out_path, report_path = argv
+    t0 = time.perf_counter()
+    try:
+        model = load_keras_model(artifact, compile=False)
+    except KerasCEError as exc:
+        print(" ".join(str(exc).split()), file=sys.stderr)
+        return 2
+    load_s = time.perf_counter() - t0
+    images = np.load(images_path, allow_pickle=False)
+    t0 = time.perf_counter()
+    probabilities = model.predict(images, batch_size=256, verbose=0)
+    predict_s = time.perf_counter() - t0
+    np.save(out_path, np.asarray(probabilities, dtype=np.float32))
+    with open(report_path, "w") as f:
+        json.dump(
+            {
+                "runtime": f"keras {keras.__version__}",
+                "load_s": load_s,
+                "predict_s": predict_s,
+                "forbidden_modules_present": [],
+            },
+            f,
+        )
+    return 0
+
+
+def _worker_command(fmt: str, artifact: Path, io_paths: Sequence[str]) -> list[str]:
+    if fmt == "keras":
+        return [sys.executable, "-c", _RUN_KERAS, str(artifact), *io_paths]
+    script = _HERE / _SCRIPTS[fmt]
+    return [sys.executable, "-c", _RUN_SCRIPT, str(script), str(artifact), *io_paths]
+
+
+def _run_worker(fmt: str, artifact: Path, images_path: Path, work: Path):
+    what, runtime = WORKERS[fmt]
+    out_path, report_path = work / f"{fmt}.npy", work / f"{fmt}.json"
+    env = {**os.environ}
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if fmt == "keras":  # importable even when the package is used from a source tree
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(_PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p
+        )
+    cmd = _worker_command(fmt, artifact, [str(images_path), str(out_path), str(report_path)])
+    try:
+        proc = subprocess.run(
+            cmd, cwd=work, env=env, capture_output=True, text=True, timeout=_WORKER_TIMEOUT_S
+        )
+    except subprocess.TimeoutExpired:
+        raise KerasCEError(
+            f"The {what} {artifact} did not answer within {_WORKER_TIMEOUT_S} s in a fresh "
+            f"process ({runtime})."
+        ) from None
+    if proc.returncode != 0 or not out_path.is_file() or not report_path.is_file():
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        reason = lines[-1].strip() if lines else f"exit status {proc.returncode}"
+        raise KerasCEError(
+            f"The {what} {artifact} failed to load or predict in a fresh process "
+            f"({runtime}; exit status {proc.returncode}): {reason}"
+        )
+    report = json.loads(report_path.read_text())
+    if report.get("forbidden_modules_present"):
+        raise KerasCEError(
+            f"The {what} process imported {report['forbidden_modules_present']}, "
+            f"which it must serve without."
+        )
+    return np.load(out_path, allow_pickle=False), report
+
+
+def verification_images(
+    data_dir: str | os.PathLike | None, limit_test: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The CIFAR-10 test images and one-hot labels ``verify`` predicts."""
+    from keras_ce_plugin.data import load_cifar10
+
+    # Only test images are used; limit_train=1 skips converting the training set.
+    (_, _), (x_test, y_test) = load_cifar10(data_dir, limit_train=1, limit_test=limit_test)
+    return x_test, y_test
+
+
+def check_export(export_dir: str | os.PathLike) -> tuple[dict[str, Any], int]:
+    """Reads the manifest and checks every file's size and SHA-256.
+
+    Returns ``(manifest, number_of_files)``; raises KerasCEError naming each problem.
+    """
+    manifest = read_manifest(export_dir)
+    return manifest, check_files(export_dir, manifest)
+
+
+def _row(fmt: str, probs, report, reference, truth, atol: float) -> dict[str, Any]:
+    row = {
+        "format": fmt,
+        "runtime": report.get("runtime", ""),
+        "load_s": report.get("load_s"),
+        "max_abs_diff": None,
+        "agreement": None,
+        "accuracy": None,
+        "ok": True,
+        "problem": "",
+    }
+    if probs.shape != reference.shape or not np.all(np.isfinite(probs)):
+        row.update(ok=False, problem=f"output shape {probs.shape} or non-finite values")
+        return row
+    top1 = probs.argmax(-1)
+    if truth is not None:
+        row["accuracy"] = float(np.mean(top1 == truth))
+    if fmt != "keras":
+        row["max_abs_diff"] = float(np.max(np.abs(probs - reference)))
+        row["agreement"] = float(np.mean(top1 == reference.argmax(-1)))
+        if fmt == "onnx_int8":  # lossy by design: judged by top-1 agreement only
+            if row["agreement"] < INT8_MIN_AGREEMENT:
+                row.update(ok=False, problem=f"top-1 agreement < {INT8_MIN_AGREEMENT:.0%}")
+        elif row["max_abs_diff"] > atol:
+            row.update(ok=False, problem=f"max |diff| > atol {atol:g}")
+        elif row["agreement"] < 1.0:
+            row.update(ok=False, problem="top-1 differs")
+    return row
+
+
+def compare_artifacts(
+    export_dir: str | os.PathLike,
+    manifest: dict[str, Any],
+    images: np.ndarray,
+    labels: np.ndarray | None = None,
+    *,
+    atol: float = 1e-5,
+) -> dict[str, Any]:
+    """Predicts ``images`` with every artifact in ``manifest``, each in a fresh process.
+
+    The manifest must have passed :func:`check_export`. Returns ``{"ok", "images",
+    "atol", "rows"}`` as :func:`verify_export` does (without ``files``).
+    """
+    if isinstance(atol, bool) or not isinstance(atol, (int, float)) or not atol >= 0:
+        raise KerasCEError(f"`--atol` must be a number >= 0. Received: atol={atol!r}")
+    export_dir = Path(export_dir)
+    images = np.ascontiguousarray(images, dtype=np.float32)
+    expected = tuple(manifest["input"]["shape"][1:])
+    if images.shape[1:] != expected:
+        raise KerasCEError(
+            f"The export takes images of shape (batch, {', '.join(map(str, expected))}). "
+            f"Received: {images.shape}"
+        )
+    truth = None if labels is None else np.asarray(labels).reshape(len(images), -1).argmax(-1)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="keras-ce-verify-") as tmp:
+        work = Path(tmp)
+        images_path = work / "images.npy"
+        np.save(images_path, images)
+        reference = None
+        for fmt in manifest["formats"]:
+            artifact = (export_dir / ARTIFACTS[fmt]).resolve()
+            probs, report = _run_worker(fmt, artifact, images_path, work)
+            if fmt == "keras":
+                reference = probs
+            rows.append(_row(fmt, probs, report, reference, truth, atol))
+    return {"ok": all(r["ok"] for r in rows), "images": len(images), "atol": atol, "rows": rows}
+
+
+def verify_export(
+    export_dir: str | os.PathLike,
+    images: np.ndarray,
+    labels: np.ndarray | None = None,
+    *,
+    atol: float = 1e-5,
+) -> dict[str, Any]:
+    """Checks the manifest hashes, then predicts ``images`` with every artifact.
+
+    Each artifact is loaded in its own fresh process (see :data:`WORKERS`). A float
+    format passes if its largest absolute difference from the Keras model is at
+    most ``atol`` and it agrees on the top-1 class of every image; the int8 model,
+    lossy by design, passes if it agrees on the top-1 class of at least
+    :data:`~keras_ce_plugin.export.quantize.INT8_MIN_AGREEMENT` of the images (its
+    max |diff| is reported, not judged).
+
+    Returns:
+        ``{"ok": bool, "files": n, "images": n, "atol": atol, "rows": [...]}`` with
+        one row per format (``format``, ``runtime``, ``max_abs_diff``, ``agreement``,
+        ``accuracy``, ``load_s``, ``ok``, ``problem``).
+    """
+    manifest, n_files = check_export(export_dir)
+    result = compare_artifacts(export_dir, manifest, images, labels, atol=atol)
+    return {"ok": result["ok"], "files": n_files, **result}
