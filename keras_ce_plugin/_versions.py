@@ -29,7 +29,7 @@ def versions() -> dict[str, str]:
     """Versions of the plugin, Keras, its backend and the installed optional packages."""
     import keras
 
-    from keras_ce_plugin import __version__
+    from keras_ce_plugin._version import __version__
 
     out = {
         "keras_ce_plugin": __version__,

@@ -289,7 +289,8 @@ def _check_loss_names(p: Path, config: dict[str, Any], *, compile: bool) -> None
     imported) to compile; for inference (``compile=False``) a one-line warning
     names it.
     """
-    from keras_ce_plugin import __version__, naming
+    from keras_ce_plugin import naming
+    from keras_ce_plugin._version import __version__
 
     unknown = sorted(
         name
@@ -300,8 +301,7 @@ def _check_loss_names(p: Path, config: dict[str, Any], *, compile: bool) -> None
         raise KerasCEError(
             f"{p} uses {', '.join(map(repr, unknown))}, which keras_ce_plugin {__version__} "
             f"does not register (it registers: {', '.join(sorted(naming.LOSS_NAMES))}). The "
-            "file was written by a newer version of the plugin or edited: upgrade the "
-            "plugin, or load it with compile=False for inference."
+            "file was written by a newer version of the plugin or edited: upgrade the plugin."
         )
     compile_config = config.get("compile_config")
     hint = (
