@@ -15,9 +15,16 @@ It prints both wall times, their ratio (median over ``--repeats``, order alterna
 the processes' CPU times (less sensitive to other load on a shared machine) and the
 largest per-epoch difference between the two runs' curves.
 
-``--ablations`` also times, in one process on a subset, what else was tried for the
-head at batch 32 on CPU (whole-step XLA, XLA only for Adam's update, tf.data
-prefetch, thread settings, extraction batch size), and prints which kept its curves.
+``--ablations`` also times, one fresh process per variant on a subset, the
+tutorial's plain ``fit``, the feature cache alone, and each speed mechanism of
+``keras_ce_plugin.training.speedups`` switched on alone through its ``TrainConfig``
+field (``fast_input_grad``, ``xla_optimizer``, ``xla_step``) and with the defaults,
+one line each with whether the mechanism engaged; then the alternatives tried for
+the head (Keras' ``jit_compile``, tf.data prefetch, thread settings, extraction
+batch size). Each line says how far its curves are from the tutorial's.
+
+    python benchmarks/bench_train.py --skip-end-to-end --ablations --ablation-train 64 \\
+        --ablation-test 32 --ablation-epochs 2 --ablation-repeats 1   # a quick smoke run
 
     python benchmarks/bench_train.py --data-dir ../shared/data/cifar10-sample/cifar-10-batches-py
 """
@@ -192,11 +199,11 @@ def end_to_end(args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------- #
-# Ablations: what else was tried for the head at batch 32 on CPU
+# Ablations: each speed mechanism on its own, then what else was tried
 # --------------------------------------------------------------------------- #
 ABLATION = textwrap.dedent(
     """
-    import json, os, sys, time
+    import dataclasses, json, os, sys, time
     import numpy as np
     variant, data_dir, n_train, n_test, epochs = sys.argv[1:6]
     import tensorflow as tf
@@ -206,64 +213,87 @@ ABLATION = textwrap.dedent(
         tf.config.threading.set_intra_op_parallelism_threads(intra)
     import keras
     import keras_ce_plugin  # noqa: F401
-    from keras_ce_plugin import train as T
     from keras_ce_plugin.data import load_cifar10
     from keras_ce_plugin.models import build_vgg16_classifier, split_base_and_head
+    from keras_ce_plugin.training import TrainConfig, extract_features, speedups, train
 
     (x, y), (xt, yt) = load_cifar10(data_dir, limit_train=int(n_train), limit_test=int(n_test))
-    keras.utils.set_random_seed(0)
-    model = build_vgg16_classifier(None)
-    base, head_layers = split_base_and_head(model)
-    bs = int(variant[len("extract"):]) if variant.startswith("extract") else 128
-    T.extract_features(base, x[:bs], batch_size=bs, verbose=False)  # warm up
-    t = time.perf_counter()
-    f = T.extract_features(base, x, batch_size=bs, verbose=False)
-    extract = len(x) / (time.perf_counter() - t)
-    ft = T.extract_features(base, xt, batch_size=bs, verbose=False)
-    fast = variant in ("fast_grad", "default")
-    batches = [32] + [len(f) % 32] * bool(len(f) % 32)
-    head = T._head_model(f.shape[1:], head_layers, xla_step=False,
-                         fast_input_grad_batches=batches if fast else ())
-    cfg = T.TrainConfig(weights=None)
-    opt = T._make_optimizer(cfg, fused=variant in ("xla_adam", "default"))
-    head.compile(optimizer=opt, loss="customloss>CategoricalCE", metrics=["accuracy"],
-                 jit_compile=variant == "xla_step")
-    keras.utils.set_random_seed(0)
     times = []
     class Clock(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
             self.t = time.perf_counter()
         def on_epoch_end(self, epoch, logs=None):
             times.append(time.perf_counter() - self.t)
-    if variant == "prefetch":
-        train_ds = tf.data.Dataset.from_tensor_slices((f, y)).shuffle(len(f), seed=0)
-        train_ds = train_ds.batch(32).prefetch(tf.data.AUTOTUNE)
-        val_ds = tf.data.Dataset.from_tensor_slices((ft, yt)).batch(32).prefetch(tf.data.AUTOTUNE)
-        hist = head.fit(train_ds, epochs=int(epochs), validation_data=val_ds, verbose=0,
-                        callbacks=[Clock()])
-    else:
-        hist = head.fit(f, y, batch_size=32, epochs=int(epochs), validation_data=(ft, yt),
-                        shuffle=True, verbose=0, callbacks=[Clock()])
+    # The library's own switches (TrainConfig), each alone on the feature cache.
+    cached = TrainConfig(weights=None, epochs=int(epochs), verbose=False, xla_optimizer=False,
+                         xla_step=False, fast_input_grad=False)
+    configs = {
+        "tutorial": dataclasses.replace(cached, feature_cache=False),
+        "cached": cached,
+        "fast_input_grad": dataclasses.replace(cached, fast_input_grad=True),
+        "xla_optimizer": dataclasses.replace(cached, xla_optimizer=True),
+        "xla_step": dataclasses.replace(cached, xla_step=True),
+        "default": TrainConfig(weights=None, epochs=int(epochs), verbose=False),
+    }
+    if variant in configs:
+        fit = keras.Model.fit
+        def timed_fit(self, *args, callbacks=None, **kwargs):
+            return fit(self, *args, callbacks=[*(callbacks or []), Clock()], **kwargs)
+        keras.Model.fit = timed_fit
+        result = train(configs[variant], ((x, y), (xt, yt)))
+        history, engaged = result.history, result.speedups
+        extract = float("nan")
+    else:  # alternatives tried for the head on cached features (plain Adam)
+        keras.utils.set_random_seed(0)
+        model = build_vgg16_classifier(None)
+        base, head_layers = split_base_and_head(model)
+        bs = int(variant[len("extract"):]) if variant.startswith("extract") else 128
+        extract_features(base, x[:bs], batch_size=bs, verbose=False)  # warm up
+        t = time.perf_counter()
+        f = extract_features(base, x, batch_size=bs, verbose=False)
+        extract = len(x) / (time.perf_counter() - t)
+        ft = extract_features(base, xt, batch_size=bs, verbose=False)
+        head = speedups.head_model(f.shape[1:], head_layers, xla_step=False)
+        head.compile(optimizer=speedups.make_optimizer(1e-3, xla_update=False),
+                     loss="customloss>CategoricalCE", metrics=["accuracy"],
+                     jit_compile=variant == "keras_jit")
+        keras.utils.set_random_seed(0)
+        if variant == "prefetch":
+            train_ds = tf.data.Dataset.from_tensor_slices((f, y)).shuffle(len(f), seed=0)
+            train_ds = train_ds.batch(32).prefetch(tf.data.AUTOTUNE)
+            val_ds = tf.data.Dataset.from_tensor_slices((ft, yt)).batch(32)
+            val_ds = val_ds.prefetch(tf.data.AUTOTUNE)
+            hist = head.fit(train_ds, epochs=int(epochs), validation_data=val_ds, verbose=0,
+                            callbacks=[Clock()])
+        else:
+            hist = head.fit(f, y, batch_size=32, epochs=int(epochs), validation_data=(ft, yt),
+                            shuffle=True, verbose=0, callbacks=[Clock()])
+        history = {k: [float(v) for v in vs] for k, vs in hist.history.items()}
+        engaged = None
     later = sorted(times[1:]) or times
-    print(json.dumps({"epoch_s": later[len(later) // 2],
-                      "extract_img_s": extract,
-                      "history": {k: [float(v) for v in vs] for k, vs in hist.history.items()}}))
+    print(json.dumps({"epoch_s": later[len(later) // 2], "extract_img_s": extract,
+                      "history": history, "engaged": engaged}))
     """
 )
 
-ABLATION_EPOCHS = 4
-VARIANTS = {
-    "baseline": "head on cached features, plain Adam, no XLA (bitwise = plain fit)",
-    "fast_grad": "... + the 4096x4096 layer's input gradient as (W dy^T)^T (bitwise)",
-    "xla_adam": "... + Adam's update step XLA-compiled",
-    "default": "... + both (the default of keras-ce train)",
-    "xla_step": "... whole train step XLA-compiled (jit_compile=True)",
-    "prefetch": "... tf.data from_tensor_slices/shuffle/batch/prefetch(AUTOTUNE)",
-    "threads1x2": "... inter-op 1 / intra-op 2 threads",
-    "threads2x1": "... inter-op 2 / intra-op 1 threads",
-    "extract32": "... features extracted in batches of 32",
-    "extract256": "... features extracted in batches of 256",
+# One line per speed mechanism (the library's TrainConfig switches), then alternatives.
+MECHANISMS = {
+    "tutorial": "plain fit on the full model, as the tutorial (feature_cache=False)",
+    "cached": "feature cache alone (all three mechanisms off)",
+    "fast_input_grad": "cache + fast_input_grad",
+    "xla_optimizer": "cache + xla_optimizer",
+    "xla_step": "cache + xla_step",
+    "default": "cache + xla_optimizer + fast_input_grad (the default)",
 }
+ALTERNATIVES = {
+    "keras_jit": "cache + Keras' own jit_compile=True (other dropout masks)",
+    "prefetch": "cache + tf.data shuffle/batch/prefetch(AUTOTUNE)",
+    "threads1x2": "cache + inter-op 1 / intra-op 2 threads",
+    "threads2x1": "cache + inter-op 2 / intra-op 1 threads",
+    "extract32": "cache, features extracted in batches of 32",
+    "extract256": "cache, features extracted in batches of 256",
+}
+VARIANTS = {**MECHANISMS, **ALTERNATIVES}
 
 
 def _ablation_run(args: argparse.Namespace, name: str) -> dict | None:
@@ -276,7 +306,7 @@ def _ablation_run(args: argparse.Namespace, name: str) -> dict | None:
             str(args.data_dir),
             str(args.ablation_train),
             str(args.ablation_test),
-            str(ABLATION_EPOCHS),
+            str(args.ablation_epochs),
         ],
         env=_env(),
         capture_output=True,
@@ -288,10 +318,22 @@ def _ablation_run(args: argparse.Namespace, name: str) -> dict | None:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _engaged(name: str, engaged: dict | None) -> str:
+    """Whether the variant's own mechanism was traced into training ("-": not one)."""
+    if engaged is None or name not in ("fast_input_grad", "xla_optimizer", "xla_step", "default"):
+        return "-"
+    on = [k for k, v in engaged.items() if v]
+    return ", ".join(on) if on else "NONE"
+
+
 def ablations(args: argparse.Namespace) -> None:
-    runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
+    variants = args.ablation_variants or list(VARIANTS)
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        sys.exit(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
     for r in range(args.ablation_repeats):  # interleaved, order alternated: shared-CPU noise
-        names = list(VARIANTS) if r % 2 == 0 else list(reversed(VARIANTS))
+        names = variants if r % 2 == 0 else variants[::-1]
         for name in names:
             result = _ablation_run(args, name)
             if result is not None:
@@ -302,33 +344,39 @@ def ablations(args: argparse.Namespace) -> None:
             "epoch_s": statistics.median(r["epoch_s"] for r in rs),
             "extract_img_s": statistics.median(r["extract_img_s"] for r in rs),
             "history": rs[0]["history"],
+            "engaged": rs[0]["engaged"],
         }
         for name, rs in runs.items()
         if rs
     }
-    if "baseline" not in med:
-        sys.exit("the baseline variant failed; nothing to compare with")
-    ref = med["baseline"]
+    ref_name = next((n for n in ("tutorial", "cached") if n in med), None)
+    if ref_name is None:
+        sys.exit("neither the tutorial nor the cached variant ran; nothing to compare with")
+    ref = med[ref_name]
     print()
     print(
-        f"Head training on cached features, {args.ablation_train} train / "
-        f"{args.ablation_test} test images, batch 32; median over {args.ablation_repeats} "
-        f"interleaved repeats of the median epoch of epochs 2-{ABLATION_EPOCHS} (epoch 1 "
-        "includes tracing and XLA compilation):"
+        f"{args.ablation_train} train / {args.ablation_test} test images, batch 32; median "
+        f"over {args.ablation_repeats} interleaved repeats of the median epoch of epochs "
+        f"2-{args.ablation_epochs} (epoch 1 includes tracing and XLA compilation); curves "
+        f"compared with `{ref_name}`:"
     )
     print()
-    print("| variant | s/epoch | vs baseline | extraction img/s | max curve diff vs baseline |")
-    print("|---|---:|---:|---:|---:|")
-    for name, what in VARIANTS.items():
+    print(
+        f"| variant | s/epoch | speed-up vs {ref_name} | mechanism engaged | extraction img/s "
+        f"| max curve diff vs {ref_name} |"
+    )
+    print("|---|---:|---:|---|---:|---:|")
+    for name in variants:
         if name not in med:
             continue
         r = med[name]
-        diff = max(
-            abs(a - b) for k in ref["history"] for a, b in zip(ref["history"][k], r["history"][k])
-        )
+        keys = [k for k in ref["history"] if k in r["history"]]
+        diff = max(abs(a - b) for k in keys for a, b in zip(ref["history"][k], r["history"][k]))
+        extract = "-" if r["extract_img_s"] != r["extract_img_s"] else f"{r['extract_img_s']:.0f}"
         print(
-            f"| {name}: {what} | {r['epoch_s']:.2f} | {ref['epoch_s'] / r['epoch_s']:.2f}x | "
-            f"{r['extract_img_s']:.0f} | {diff:.1e} |"
+            f"| {name}: {VARIANTS[name]} | {r['epoch_s']:.2f} | "
+            f"{ref['epoch_s'] / r['epoch_s']:.2f}x | {_engaged(name, r['engaged'])} | "
+            f"{extract} | {diff:.1e} |"
         )
 
 
@@ -348,10 +396,22 @@ def main(argv: list[str] | None = None) -> None:
         default=["update", "step"],
         help="comma-separated keras-ce train --xla modes to time (default: update,step)",
     )
-    p.add_argument("--ablations", action="store_true", help="also time the alternatives tried")
+    p.add_argument(
+        "--ablations",
+        action="store_true",
+        help="also time each speed mechanism alone, beside the tutorial, and the "
+        "alternatives tried",
+    )
     p.add_argument("--ablation-train", type=int, default=2048)
     p.add_argument("--ablation-test", type=int, default=256)
+    p.add_argument("--ablation-epochs", type=int, default=4)
     p.add_argument("--ablation-repeats", type=int, default=2)
+    p.add_argument(
+        "--ablation-variants",
+        type=lambda text: text.split(","),
+        default=None,
+        help=f"comma-separated subset of: {', '.join(VARIANTS)} (default: all)",
+    )
     p.add_argument("--skip-end-to-end", action="store_true")
     args = p.parse_args(argv)
     if not args.skip_end_to_end:

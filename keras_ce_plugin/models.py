@@ -4,7 +4,7 @@
 Dropout(0.5), Dense(4096, relu), Dropout(0.5), Dense(num_classes, softmax)])`` on
 32x32x3 inputs, with exactly the tutorial's head. :func:`split_base_and_head` gives
 back the two parts (the same layer objects), which is what the feature cache in
-:mod:`keras_ce_plugin.train` trains separately.
+:mod:`keras_ce_plugin.training` trains separately.
 
 >>> head = build_head(3)
 >>> [type(layer).__name__ for layer in head]

@@ -18,7 +18,8 @@ import pytest
 from conftest import REPO, run_python
 
 from keras_ce_plugin.cli import main
-from keras_ce_plugin.train import CHECKPOINT_FILE, LOCK_FILE, RUN_FILES, load_checkpoint, run_lock
+from keras_ce_plugin.files import LOCK_FILE, run_lock
+from keras_ce_plugin.training import CHECKPOINT_FILE, RUN_FILES, load_checkpoint
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 N_TRAIN, N_TEST, EPOCHS = 128, 64, 2
@@ -109,6 +110,18 @@ def test_run_writes_its_artifacts(run):
     assert "VGG16 features" in done.stderr
     assert f"Epoch {EPOCHS}/{EPOCHS}" in done.stdout
     assert "test accuracy" in done.stdout
+
+
+def test_log_output_has_one_line_per_epoch(run):
+    """Not a terminal (a pipe): no carriage returns or terminal codes, one line an epoch."""
+    _, _, done = run
+    for text in (done.stdout, done.stderr):
+        assert "\r" not in text and "\x1b[" not in text
+    epochs = [line for line in done.stdout.splitlines() if line.startswith("Epoch ")]
+    assert [line.split(" - ")[0] for line in epochs] == [
+        f"Epoch {e}/{EPOCHS}" for e in range(1, EPOCHS + 1)
+    ]
+    assert all(" - val_accuracy: " in line and line.endswith(" s") for line in epochs)
 
 
 def test_model_reloads_in_a_fresh_process(run, cifar_dir):
@@ -364,7 +377,7 @@ def test_train_needs_one_run_dir(argv, message, capsys):
 )
 def test_xla_flag_sets_the_config(flag, xla_optimizer, xla_step):
     from keras_ce_plugin.cli import build_parser
-    from keras_ce_plugin.train import _config_from_args
+    from keras_ce_plugin.cli.train import _config_from_args
 
     args = build_parser().parse_args(["train", "--out", "x", *flag])
     config = _config_from_args(args, loss=args.loss)
@@ -379,7 +392,7 @@ def test_a_second_run_on_the_same_dir_is_refused(cifar_dir, tmp_path, capsys):
             sys.executable,
             "-c",
             "import sys, time\n"
-            "from keras_ce_plugin.train import run_lock\n"
+            "from keras_ce_plugin.files import run_lock\n"
             "with run_lock(sys.argv[1]):\n"
             "    print('locked', flush=True)\n"
             "    time.sleep(300)\n",

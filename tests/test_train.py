@@ -1,8 +1,10 @@
-"""keras_ce_plugin.train: the feature cache gives plain model.fit's history; config checks."""
+"""keras_ce_plugin.training: the feature cache gives plain model.fit's history; config checks."""
 
 from __future__ import annotations
 
 import dataclasses
+import io
+import re
 
 import keras
 import numpy as np
@@ -11,7 +13,7 @@ import pytest
 from keras_ce_plugin import CategoricalCE, KerasCEError
 from keras_ce_plugin.data import load_cifar10
 from keras_ce_plugin.models import build_vgg16_classifier, split_base_and_head
-from keras_ce_plugin.train import (
+from keras_ce_plugin.training import (
     HISTORY_KEYS,
     TrainConfig,
     extract_features,
@@ -86,7 +88,7 @@ def test_same_history_as_plain_fit(small, reference, default_run, overrides, ato
 def test_xla_step_draws_the_tutorials_dropout_masks(small, reference):
     """Control: compiling the same head step with Keras' own ``jit_compile=True``
     draws the dropout masks inside XLA, so the run differs; ``xla_step`` does not."""
-    from keras_ce_plugin.train import _head_model
+    from keras_ce_plugin.training.speedups import head_model as _head_model
 
     result = train(dataclasses.replace(CONFIG, xla_step=True), small)
     (_, y), (_, yt) = small
@@ -107,6 +109,9 @@ def test_xla_step_draws_the_tutorials_dropout_masks(small, reference):
     ref = reference[1]["loss"]
     assert max(abs(a - b) for a, b in zip(hist.history["loss"], ref)) > 1e-4
     assert max(abs(a - b) for a, b in zip(result.history["loss"], ref)) <= 1e-5
+    # The XLA step was traced into training (and replaces the XLA Adam update).
+    assert result.speedups["xla_step"] is True
+    assert result.speedups["xla_optimizer"] is False
 
 
 @pytest.mark.parametrize(
@@ -117,7 +122,7 @@ def test_xla_step_draws_the_tutorials_dropout_masks(small, reference):
     ],
 )
 def test_xla_step_refuses_layers_it_cannot_reproduce(layer, match):
-    from keras_ce_plugin.train import _head_model
+    from keras_ce_plugin.training.speedups import head_model as _head_model
 
     layers = [keras.layers.Dense(4096), layer, keras.layers.Dense(10, activation="softmax")]
     with pytest.raises(KerasCEError, match=match):
@@ -127,7 +132,9 @@ def test_xla_step_refuses_layers_it_cannot_reproduce(layer, match):
 def test_fast_input_grad_keeps_every_bit(cifar_dir):
     """100 images: batches of 32 and a last one of 4, both probed; the run with the
     fast input gradient ends with the very weights of the run without it."""
-    from keras_ce_plugin.train import _fast_input_grad_layers
+    from keras_ce_plugin.training.speedups.fast_grad import (
+        fast_input_grad_layers as _fast_input_grad_layers,
+    )
 
     keras.utils.set_random_seed(SEED)
     _, head = split_base_and_head(build_vgg16_classifier(None))
@@ -143,6 +150,9 @@ def test_fast_input_grad_keeps_every_bit(cifar_dir):
         for f in (True, False)
     ]
     assert runs[0].history == runs[1].history
+    # The fast gradient was traced into training for the probed layer, and only when on.
+    assert runs[0].speedups["fast_input_grad"] == chosen
+    assert runs[1].speedups == {"xla_optimizer": False, "xla_step": False, "fast_input_grad": {}}
     assert runs[0].history["loss"][0] != runs[0].history["loss"][1]
     for a, b in zip(runs[0].model.get_weights(), runs[1].model.get_weights()):
         assert np.array_equal(a, b)
@@ -150,7 +160,12 @@ def test_fast_input_grad_keeps_every_bit(cifar_dir):
 
 def test_fast_input_grad_probe_sees_one_ulp():
     """The probe compares bits: a fast path about one ulp off is refused."""
-    from keras_ce_plugin.train import _dense_fast_input_grad, _same_bits_as_tensorflow
+    from keras_ce_plugin.training.speedups.fast_grad import (
+        dense_fast_input_grad as _dense_fast_input_grad,
+    )
+    from keras_ce_plugin.training.speedups.fast_grad import (
+        same_bits_as_tensorflow as _same_bits_as_tensorflow,
+    )
 
     keras.utils.set_random_seed(SEED)
     layer = keras.layers.Dense(64, activation="relu")
@@ -248,3 +263,80 @@ def test_data_errors(small):
         train(CONFIG, ((x, y[:-1]), test))
     with pytest.raises(KerasCEError, match="load_cifar10 returns"):
         train(CONFIG, (x, y))
+
+
+def test_default_run_engages_the_xla_adam_update(default_run, reference):
+    """The default XLA-compiles Adam's update: it is traced into training, and its
+    rounding leaves weights that are close to, but not bitwise, the tutorial's."""
+    assert default_run.speedups["xla_optimizer"] is True
+    assert default_run.speedups["xla_step"] is False
+    ref_model, _ = reference
+    pairs = list(zip(default_run.model.get_weights(), ref_model.get_weights()))
+    assert all(np.allclose(a, b, rtol=0, atol=1e-4) for a, b in pairs)
+    assert not all(np.array_equal(a, b) for a, b in pairs)
+
+
+def test_speedups_are_off_without_the_feature_cache(small):
+    (x, y), (xt, yt) = small
+    data = ((x[:32], y[:32]), (xt[:16], yt[:16]))
+    result = train(dataclasses.replace(CONFIG, feature_cache=False, epochs=1), data)
+    assert result.speedups == {"xla_optimizer": False, "xla_step": False, "fast_input_grad": {}}
+
+
+# --------------------------------------------------------------------------- #
+# Output that reads well anywhere
+# --------------------------------------------------------------------------- #
+EPOCH_LINE = re.compile(
+    r"^Epoch (\d+)/(\d+) - loss: [\d.]+ - accuracy: [\d.]+ - val_loss: [\d.]+ "
+    r"- val_accuracy: [\d.]+ - [\d.]+ s$"
+)
+
+
+def test_not_a_terminal_gets_one_line_per_epoch(small, default_run, capsys):
+    config = dataclasses.replace(CONFIG, epochs=2, verbose=True)
+    train(config, small, features=default_run.features)
+    out, err = capsys.readouterr()
+    assert "\r" not in out + err and "\x1b[" not in out + err
+    lines = [line for line in out.splitlines() if line.startswith("Epoch")]
+    assert [EPOCH_LINE.match(line).groups() for line in lines] == [("1", "2"), ("2", "2")]
+
+
+def test_progress_follows_the_stream():
+    from keras_ce_plugin.training.progress import EpochLines, RunProgbar, progress_callbacks
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    verbose, callbacks = progress_callbacks(True, epochs=3, stream=Terminal())
+    assert verbose == 1 and [type(c) for c in callbacks] == [RunProgbar]
+    log = io.StringIO()
+    verbose, (lines,) = progress_callbacks(True, epochs=3, stream=log)
+    assert verbose == 0 and isinstance(lines, EpochLines)
+    lines.on_epoch_begin(1)
+    lines.on_epoch_end(1, {"loss": 0.5, "accuracy": 0.25, "val_loss": 0.75, "val_accuracy": 1})
+    assert EPOCH_LINE.match(log.getvalue().rstrip("\n")).groups() == ("2", "3")
+
+
+def test_feature_extraction_logs_one_line_when_not_a_terminal(capsys):
+    base = keras.Sequential([keras.Input((2, 2, 1)), keras.layers.Flatten()])
+    extract_features(base, np.ones((5, 2, 2, 1), "float32"), batch_size=2, desc="features")
+    err = capsys.readouterr().err
+    assert "\r" not in err and "\x1b[" not in err
+    assert err.splitlines()[-1].startswith("features: 5 images, ")
+
+
+@pytest.mark.parametrize("epochs", [1, 3, 10])
+def test_plots_have_integer_epoch_ticks(epochs):
+    from keras_ce_plugin.training import compare_figure, curves_figure
+
+    history = {k: [0.1 * (i + 1) for i in range(epochs)] for k in HISTORY_KEYS}
+    diffs = {k: [1e-8] * epochs for k in HISTORY_KEYS}
+    for fig in (
+        curves_figure(history, "x"),
+        compare_figure({"custom": history, "builtin": history}, diffs),
+    ):
+        fig.canvas.draw()
+        for ax in fig.axes:
+            ticks = ax.get_xticks()
+            assert len(ticks) and all(float(t).is_integer() for t in ticks), ticks

@@ -1,13 +1,44 @@
-"""``keras-ce train`` and ``keras-ce compare``: the tutorial's CIFAR-10 experiment."""
+"""``keras-ce train`` and ``keras-ce compare``: the tutorial's CIFAR-10 experiment.
+
+The flags and what they mean; the work is :func:`keras_ce_plugin.training.train_run`
+and :func:`keras_ce_plugin.training.run_compare`, imported when a command runs.
+
+>>> args = _parse(["train", "--out", "run", "--xla", "none", "--weights", "None"])
+>>> config = _config_from_args(args, loss=args.loss)
+>>> config.weights, config.xla_optimizer, config.xla_step, config.checkpoint_every
+(None, False, False, 0)
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
+from typing import Any
 
 from keras_ce_plugin.cli._args import add_data_flags, non_negative_int, positive_int
+from keras_ce_plugin.errors import KerasCEError
 
 EXTRA = "experiment"
+
+# Flags that define a run: a resumed run takes them from its checkpoint.
+_RUN_FLAGS = (
+    "data_dir",
+    "limit_train",
+    "limit_test",
+    "weights",
+    "loss",
+    "epochs",
+    "batch_size",
+    "learning_rate",
+    "seed",
+    "no_feature_cache",
+    "xla",
+    "checkpoint_every",
+    "strategy",
+    "devices",
+    "mixed_precision",
+)
 
 
 def _add_train_flags(p: argparse.ArgumentParser, *, out_required: bool = True) -> None:
@@ -116,13 +147,142 @@ def _resolve_run_dir(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         parser.error("the following arguments are required: --out (or --resume RUN_DIR)")
 
 
-def train_command(args: argparse.Namespace) -> int:
-    from keras_ce_plugin import train
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """``argv`` parsed by the ``train`` and ``compare`` sub-commands alone."""
+    parser = argparse.ArgumentParser(prog="keras-ce")
+    register(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(argv)
 
-    return train.train_command(args)
+
+def _arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """The arguments as JSON values, recorded in metrics.json and the checkpoint."""
+    out = {}
+    for key, value in sorted(vars(args).items()):
+        if isinstance(value, (str, int, float, bool)) or value is None:
+            out[key] = value
+        else:
+            out[key] = str(value)
+    return out
+
+
+def _weights_arg(text: str | None) -> str | None:
+    if text is None or text.lower() == "none":
+        return None
+    if text.lower() == "imagenet":
+        return "imagenet"
+    return text
+
+
+def _config_from_args(args: argparse.Namespace, *, loss: Any) -> Any:
+    """The :class:`~keras_ce_plugin.training.TrainConfig` of ``train`` or ``compare``."""
+    from keras_ce_plugin.training import TrainConfig
+
+    return TrainConfig(
+        weights=_weights_arg(args.weights),
+        loss=loss,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+        feature_cache=not args.no_feature_cache,
+        xla_optimizer=args.xla == "update",
+        xla_step=args.xla == "step",
+        verbose=not args.quiet,
+        checkpoint_every=getattr(args, "checkpoint_every", 0),  # compare has no such flag
+    )
+
+
+def _data(args: argparse.Namespace) -> Any:
+    from keras_ce_plugin.training import DataSpec
+
+    return DataSpec(args.data_dir, limit_train=args.limit_train, limit_test=args.limit_test)
+
+
+def _resumed_args(args: argparse.Namespace, recorded: dict[str, Any]) -> argparse.Namespace:
+    """``args`` with the run-defining flags of the run being resumed (``recorded``); a
+    flag given now that differs from both its default and the recorded value is refused."""
+    defaults = vars(_parse(["train", "--out", str(args.out)]))
+    merged = argparse.Namespace(**vars(args))
+    for key in _RUN_FLAGS:
+        # A flag newer than the checkpoint's run had its default there.
+        given, before = getattr(args, key), recorded.get(key, defaults[key])
+        if given != defaults[key] and given != before:
+            flag = "--" + key.replace("_", "-")
+            raise KerasCEError(
+                f"{flag} {given} differs from the run being resumed ({flag} {before}). A "
+                "resumed run continues with the arguments it was started with; leave the "
+                "flag out (or start a new run with --overwrite)."
+            )
+        setattr(merged, key, before)
+    return merged
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    if not args.quiet:
+        print(text, file=sys.stderr, flush=True)
+
+
+def train_command(args: argparse.Namespace) -> int:
+    """``keras-ce train``: trains and writes ``--out``; returns the exit status.
+
+    ``--resume`` continues the killed run in ``--out`` from its checkpoint, with the
+    arguments it was started with.
+    """
+    from keras_ce_plugin.training import RUN_FILES, run
+
+    checkpoint = None
+    if args.resume:
+        checkpoint = run.resume_checkpoint(args.out)
+        args = _resumed_args(args, checkpoint.meta.get("arguments", {}))
+    # Before TensorFlow initialises its devices.
+    strategy = run.distribution(args.strategy, args.devices, args.mixed_precision)
+    config = _config_from_args(args, loss=args.loss)
+    config.validate()
+    common = dict(
+        data=_data(args), arguments=_arguments(args), resume=checkpoint, strategy=strategy
+    )
+    if not run.writes_out(args.strategy):
+        who = run.worker_name()
+        _say(args, f"{who}: not the chief; the chief writes {args.out}")
+        result = run.train_as_worker(config, **common)
+        print(
+            f"{who}: done, test accuracy {result.test_accuracy:.4f}; wrote nothing "
+            f"(the chief wrote {args.out})",
+            flush=True,
+        )
+        return 0
+    result, metrics = run.train_run(args.out, config, overwrite=args.overwrite, **common)
+    print(
+        f"test accuracy {metrics['test_accuracy']:.4f}, test loss {metrics['test_loss']:.4f} "
+        f"({result.num_train} train / {result.num_test} test images, "
+        f"{config.epochs} epochs, {metrics['wall_time_s']:.1f} s); wrote "
+        f"{', '.join(RUN_FILES)} to {args.out}",
+        flush=True,
+    )
+    return 0
 
 
 def compare_command(args: argparse.Namespace) -> int:
-    from keras_ce_plugin import train
+    """``keras-ce compare``: the same training with the custom and the built-in loss.
 
-    return train.compare_command(args)
+    Returns 0 when every per-epoch difference is within ``--tolerance``, else 1.
+    """
+    from keras_ce_plugin.training import COMPARE_FILES, DEFAULT_LOSS, run_compare
+
+    summary = run_compare(
+        args.out,
+        _config_from_args(args, loss=DEFAULT_LOSS),
+        data=_data(args),
+        tolerance=args.tolerance,
+        arguments=_arguments(args),
+        overwrite=args.overwrite,
+    )
+    worst, tolerance = summary["max_abs_diff_overall"], summary["tolerance"]
+    accuracy = summary["test_accuracy"]
+    print(
+        f"{'AGREE' if summary['agree'] else 'DIFFER'}: largest per-epoch |custom - built-in| = "
+        f"{worst:.3e} (tolerance {tolerance:g}); test accuracy custom {accuracy['custom']:.4f}, "
+        f"built-in {accuracy['builtin']:.4f}; wrote {', '.join(COMPARE_FILES)} to {args.out}",
+        flush=True,
+    )
+    return 0 if summary["agree"] else 1
