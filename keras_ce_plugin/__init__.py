@@ -9,8 +9,7 @@ enables ``model.compile(loss="customloss>CategoricalCE")`` (see
 'binary_ce'
 """
 
-__version__ = "0.1.0"
-
+from keras_ce_plugin._version import __version__
 from keras_ce_plugin.errors import KerasCEError  # noqa: E402
 from keras_ce_plugin.losses import (  # noqa: E402
     BinaryCE,

@@ -23,9 +23,11 @@ True
 from __future__ import annotations
 
 import math
+import sys
 import warnings
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from types import FrameType
+from typing import Any, TypeVar, cast
 
 import keras
 from keras import ops
@@ -40,6 +42,33 @@ __all__ = [
 ]
 
 PACKAGE = "customloss"
+
+# Keras ships no type information: backend tensors (tf.Tensor, jax.Array,
+# torch.Tensor, KerasTensor) are all `Any` to mypy. The alias documents intent.
+Tensor = Any
+_Registered = TypeVar("_Registered", bound=Callable[..., Any])
+
+
+def _register(name: str) -> Callable[[_Registered], _Registered]:
+    """``keras.saving.register_keras_serializable`` under ``PACKAGE``, typed.
+
+    The Keras decorator returns the object it is given unchanged; the cast only
+    tells mypy so (Keras is untyped), so decorated functions keep their signatures.
+    """
+    decorator = keras.saving.register_keras_serializable(package=PACKAGE, name=name)
+    return cast(Callable[[_Registered], _Registered], decorator)
+
+
+# A custom-gradient core: returns (loss, grad) where grad maps the upstream
+# gradient to the gradients of the core's inputs.
+_GradFn = Callable[..., Any]
+_Core = Callable[..., tuple[Tensor, _GradFn]]
+
+
+def _custom_gradient(core: _Core) -> Callable[..., Tensor]:
+    """``keras.ops.custom_gradient``, typed (it is untyped in Keras)."""
+    return cast(Callable[..., Tensor], ops.custom_gradient(core))
+
 
 # Keras attaches the pre-softmax/pre-sigmoid input to the output of its
 # softmax/sigmoid activations under this attribute (all backends set it where the
@@ -113,7 +142,7 @@ def _check_ignore_class(value: Any) -> int | None:
     return int(value)
 
 
-def _normalize_axis(axis: int, rank: int, y_pred: Any) -> int:
+def _normalize_axis(axis: int, rank: int, y_pred: Tensor) -> int:
     if rank < 1:
         raise ValueError(
             "`y_pred` must be at least rank 1 (a vector of class scores). "
@@ -127,11 +156,11 @@ def _normalize_axis(axis: int, rank: int, y_pred: Any) -> int:
     return axis % rank
 
 
-def _shape(x: Any) -> tuple:
+def _shape(x: Tensor) -> tuple[int | None, ...]:
     return tuple(x.shape)
 
 
-def _check_same_shape(y_true: Any, y_pred: Any, loss_name: str, hint: str = "") -> None:
+def _check_same_shape(y_true: Tensor, y_pred: Tensor, loss_name: str, hint: str = "") -> None:
     st, sp = _shape(y_true), _shape(y_pred)
     mismatch = len(st) != len(sp) or any(
         a is not None and b is not None and a != b for a, b in zip(st, sp)
@@ -143,7 +172,9 @@ def _check_same_shape(y_true: Any, y_pred: Any, loss_name: str, hint: str = "") 
         )
 
 
-def _looks_sparse(y_true_shape: tuple, y_pred_shape: tuple, axis: int) -> bool:
+def _looks_sparse(
+    y_true_shape: tuple[int | None, ...], y_pred_shape: tuple[int | None, ...], axis: int
+) -> bool:
     """True if y_true looks like integer class indices for y_pred."""
     if len(y_true_shape) == len(y_pred_shape) - 1:
         return True
@@ -153,7 +184,7 @@ def _looks_sparse(y_true_shape: tuple, y_pred_shape: tuple, axis: int) -> bool:
     return False
 
 
-def _check_num_weights(class_weights: tuple[float, ...], axis: int, n: Any) -> None:
+def _check_num_weights(class_weights: tuple[float, ...], axis: int, n: int | None) -> None:
     if n is not None and len(class_weights) != n:
         raise ValueError(
             f"`class_weights` must have one entry per class: y_pred has {n} classes along "
@@ -162,7 +193,9 @@ def _check_num_weights(class_weights: tuple[float, ...], axis: int, n: Any) -> N
         )
 
 
-def _weights_along(class_weights: tuple[float, ...], axis: int, rank: int, n: Any, dtype):
+def _weights_along(
+    class_weights: tuple[float, ...], axis: int, rank: int, n: int | None, dtype: str
+) -> Tensor:
     _check_num_weights(class_weights, axis, n)
     w = ops.convert_to_tensor(class_weights, dtype=dtype)
     shape = [1] * rank
@@ -170,15 +203,15 @@ def _weights_along(class_weights: tuple[float, ...], axis: int, rank: int, n: An
     return ops.reshape(w, shape)
 
 
-def _compute_dtype(x: Any) -> str:
+def _compute_dtype(x: Tensor) -> str:
     """float32 for half precision (and non-float input), else the input's float dtype."""
-    dtype = keras.backend.standardize_dtype(x.dtype)
+    dtype: str = keras.backend.standardize_dtype(x.dtype)
     if not keras.backend.is_float_dtype(dtype):
         dtype = keras.config.floatx()
     return "float32" if dtype in ("float16", "bfloat16") else dtype
 
 
-def _prepare(y_pred: Any, from_logits: bool, fn_name: str):
+def _prepare(y_pred: Tensor, from_logits: bool, fn_name: str) -> tuple[Tensor, str, Tensor | None]:
     """Returns (y_pred as a tensor, its dtype, logits to use or None).
 
     Like Keras' built-ins on the TensorFlow backend, the output of a Keras
@@ -187,7 +220,7 @@ def _prepare(y_pred: Any, from_logits: bool, fn_name: str):
     """
     keras_logits = getattr(y_pred, _LOGITS_ATTR, None)
     y_pred = ops.convert_to_tensor(y_pred)
-    out_dtype = keras.backend.standardize_dtype(y_pred.dtype)
+    out_dtype: str = keras.backend.standardize_dtype(y_pred.dtype)
     if not keras.backend.is_float_dtype(out_dtype):
         out_dtype = keras.config.floatx()
     dtype = _compute_dtype(y_pred)
@@ -204,13 +237,51 @@ def _prepare(y_pred: Any, from_logits: bool, fn_name: str):
     return y_pred, out_dtype, (y_pred if from_logits else None)
 
 
+def _is_library_frame(module_name: str) -> bool:
+    return any(
+        module_name == pkg or module_name.startswith(pkg + ".")
+        for pkg in ("keras", "keras_ce_plugin", "tensorflow.python.autograph")
+    )
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` (for a ``warnings.warn`` in the calling function) of the
+    first frame outside Keras and this plugin: the user's call site.
+
+    TensorFlow's autograph call wrappers are skipped too, so that inside a
+    ``tf.function`` the warning points at the user's line, not at autograph.
+    """
+    level = 1
+    frame: FrameType | None = sys._getframe(1)  # The caller: stacklevel 1.
+    while frame is not None and _is_library_frame(str(frame.f_globals.get("__name__", ""))):
+        frame = frame.f_back
+        level += 1
+    return level
+
+
+def _warn_single_class(y_pred: Tensor, axis: int) -> None:
+    # Like Keras' built-in categorical_crossentropy (which warns for a last axis of
+    # size 1): one class along the class axis makes the loss constant. Issued while
+    # tracing, through Python's warnings, so the default filter shows it once per
+    # call site (and message) rather than on every step of an eager loop.
+    warnings.warn(
+        "In loss categorical_ce, expected y_pred to have num_classes > 1 along the "
+        f"class axis (axis={axis}). Received: y_pred.shape={_shape(y_pred)}, i.e. a "
+        "single class, for which the loss is constant (0 up to the clipping epsilon) "
+        "and has no useful gradient. Consider using BinaryCE "
+        "(`customloss>BinaryCE`, or binary_ce) if you only have 2 classes.",
+        UserWarning,
+        stacklevel=_user_stacklevel(),
+    )
+
+
 def _custom_gradient_ok() -> bool:
     # `ops.custom_gradient` is solid on TensorFlow and JAX; elsewhere the same
     # math runs through plain autodiff.
     return keras.backend.backend() in ("tensorflow", "jax")
 
 
-def _upstream(args: tuple, upstream: Any) -> Any:
+def _upstream(args: tuple[Tensor, ...], upstream: Tensor | None) -> Tensor:
     if upstream is None:
         (upstream,) = args
     return upstream
@@ -225,30 +296,30 @@ def _upstream(args: tuple, upstream: Any) -> Any:
 # On the torch backend of Keras 3.15, `ops.maximum` and `ops.mean` compute float64
 # input in float32 (keras-team/keras#23704) and `ops.clip` rounds Python-float bounds
 # to float32; these three keep the input's precision.
-def _clip(x, eps: float):
+def _clip(x: Tensor, eps: float) -> Tensor:
     """``clip(x, eps, 1 - eps)`` with the bounds in ``x``'s dtype."""
     lo = ops.convert_to_tensor(eps, dtype=x.dtype)
     hi = ops.convert_to_tensor(1.0 - eps, dtype=x.dtype)
     return ops.clip(x, lo, hi)
 
 
-def _at_least(x, floor: float):
+def _at_least(x: Tensor, floor: float) -> Tensor:
     """``maximum(x, floor)`` in ``x``'s dtype, NaN kept."""
     return ops.where(x < floor, floor, x)  # a Python float: x's dtype, not floatx first
 
 
-def _mean(x, ax: int):
+def _mean(x: Tensor, ax: int) -> Tensor:
     """``mean(x, axis=ax)`` in ``x``'s dtype."""
     if keras.backend.backend() == "torch" and keras.backend.standardize_dtype(x.dtype) == "float64":
         return ops.sum(x, axis=ax) / x.shape[ax]
     return ops.mean(x, axis=ax)
 
 
-def _cce_probs(y, p, ax: int):
+def _cce_probs(y: Tensor, p: Tensor, ax: int) -> Tensor:
     """-sum(y * log(clip(p / sum(p), eps, 1 - eps))) along ax."""
     eps = keras.config.epsilon()
 
-    def forward(y, p):
+    def forward(y: Tensor, p: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
         total = ops.sum(p, axis=ax, keepdims=True)
         s = _at_least(total, eps)  # An all-zero row stays finite (0 / eps).
         q = p / s
@@ -261,11 +332,11 @@ def _cce_probs(y, p, ax: int):
     if not _custom_gradient_ok():
         return forward(y, p)[0]
 
-    @ops.custom_gradient
-    def core(y, p):
+    @_custom_gradient
+    def core(y: Tensor, p: Tensor) -> tuple[Tensor, _GradFn]:
         loss, (total, s, q, c, log_c) = forward(y, p)
 
-        def grad(*args, upstream=None):
+        def grad(*args: Tensor, upstream: Tensor | None = None) -> tuple[Tensor, Tensor]:
             u = ops.expand_dims(_upstream(args, upstream), ax)
             # dL/dq = -y/q where q is not clipped, 0 where it is; through q = p/s:
             # dL/dp = (-y_m / c + [total >= eps] * sum(y_m)) / s.
@@ -278,21 +349,21 @@ def _cce_probs(y, p, ax: int):
     return core(y, p)
 
 
-def _cce_logits(y, x, ax: int):
+def _cce_logits(y: Tensor, x: Tensor, ax: int) -> Tensor:
     """-sum(y * log_softmax(x)) along ax."""
 
-    def forward(y, x):
+    def forward(y: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         log_p = ops.log_softmax(x, axis=ax)
         return -ops.sum(y * log_p, axis=ax), log_p
 
     if not _custom_gradient_ok():
         return forward(y, x)[0]
 
-    @ops.custom_gradient
-    def core(y, x):
+    @_custom_gradient
+    def core(y: Tensor, x: Tensor) -> tuple[Tensor, _GradFn]:
         loss, log_p = forward(y, x)
 
-        def grad(*args, upstream=None):
+        def grad(*args: Tensor, upstream: Tensor | None = None) -> tuple[Tensor, Tensor]:
             u = ops.expand_dims(_upstream(args, upstream), ax)
             y_sum = ops.sum(y, axis=ax, keepdims=True)  # 1 for one-hot targets
             return -u * log_p, ops.exp(log_p) * (y_sum * u) - y * u
@@ -302,21 +373,21 @@ def _cce_logits(y, x, ax: int):
     return core(y, x)
 
 
-def _sparse_logits(labels, x, ax: int):
+def _sparse_logits(labels: Tensor, x: Tensor, ax: int) -> Tensor:
     """-log_softmax(x)[label] along ax; `labels` are valid int32 indices."""
 
-    def forward(x):
+    def forward(x: Tensor) -> tuple[Tensor, Tensor]:
         log_p = ops.log_softmax(x, axis=ax)
         return -_take(log_p, labels, ax), log_p
 
     if not _custom_gradient_ok():
         return forward(x)[0]
 
-    @ops.custom_gradient
-    def core(x):
+    @_custom_gradient
+    def core(x: Tensor) -> tuple[Tensor, _GradFn]:
         loss, log_p = forward(x)
 
-        def grad(*args, upstream=None):
+        def grad(*args: Tensor, upstream: Tensor | None = None) -> Tensor:
             u = ops.expand_dims(_upstream(args, upstream), ax)
             n = x.shape[ax] if x.shape[ax] is not None else ops.shape(x)[ax]
             one_hot = ops.one_hot(labels, n, axis=ax, dtype=x.dtype)
@@ -327,11 +398,11 @@ def _sparse_logits(labels, x, ax: int):
     return core(x)
 
 
-def _bce_probs(y, p, ax: int):
+def _bce_probs(y: Tensor, p: Tensor, ax: int) -> Tensor:
     """mean(-(y log c + (1 - y) log(1 - c))) along ax, c = clip(p, eps, 1 - eps)."""
     eps = keras.config.epsilon()
 
-    def forward(y, p):
+    def forward(y: Tensor, p: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
         c = _clip(p, eps)
         log_c = ops.log(c)
         log_1mc = ops.log1p(-c)
@@ -343,11 +414,11 @@ def _bce_probs(y, p, ax: int):
     if not _custom_gradient_ok():
         return forward(y, p)[0]
 
-    @ops.custom_gradient
-    def core(y, p):
+    @_custom_gradient
+    def core(y: Tensor, p: Tensor) -> tuple[Tensor, _GradFn]:
         loss, (c, log_c, log_1mc) = forward(y, p)
 
-        def grad(*args, upstream=None):
+        def grad(*args: Tensor, upstream: Tensor | None = None) -> tuple[Tensor, Tensor]:
             n = p.shape[ax] if p.shape[ax] is not None else ops.shape(p)[ax]
             u = ops.expand_dims(_upstream(args, upstream), ax) / ops.cast(n, p.dtype)
             dc = ops.where(ops.equal(p, c), (c - y) / (c * (1.0 - c)), 0.0)
@@ -358,20 +429,20 @@ def _bce_probs(y, p, ax: int):
     return core(y, p)
 
 
-def _bce_logits(y, x, ax: int):
+def _bce_logits(y: Tensor, x: Tensor, ax: int) -> Tensor:
     """mean(softplus(x) - x y) along ax (the stable sigmoid cross-entropy)."""
 
-    def forward(y, x):
+    def forward(y: Tensor, x: Tensor) -> Tensor:
         return _mean(ops.softplus(x) - x * y, ax)
 
     if not _custom_gradient_ok():
         return forward(y, x)
 
-    @ops.custom_gradient
-    def core(y, x):
+    @_custom_gradient
+    def core(y: Tensor, x: Tensor) -> tuple[Tensor, _GradFn]:
         loss = forward(y, x)
 
-        def grad(*args, upstream=None):
+        def grad(*args: Tensor, upstream: Tensor | None = None) -> tuple[Tensor, Tensor]:
             n = x.shape[ax] if x.shape[ax] is not None else ops.shape(x)[ax]
             u = ops.expand_dims(_upstream(args, upstream), ax) / ops.cast(n, x.dtype)
             return -x * u, (ops.sigmoid(x) - y) * u
@@ -381,11 +452,11 @@ def _bce_logits(y, x, ax: int):
     return core(y, x)
 
 
-def _sparse_probs(labels, p, ax: int):
+def _sparse_probs(labels: Tensor, p: Tensor, ax: int) -> Tensor:
     """-log(clip(p[label] / sum(p), eps, 1 - eps)); `labels` are valid int32 indices."""
     eps = keras.config.epsilon()
 
-    def forward(p):
+    def forward(p: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
         # Gather the true class first: one reduction over the classes instead of
         # a full-size division, clip, log and product.
         total = ops.sum(p, axis=ax)
@@ -398,11 +469,11 @@ def _sparse_probs(labels, p, ax: int):
     if not _custom_gradient_ok():
         return forward(p)[0]
 
-    @ops.custom_gradient
-    def core(p):
+    @_custom_gradient
+    def core(p: Tensor) -> tuple[Tensor, _GradFn]:
         loss, (total, s, q, c) = forward(p)
 
-        def grad(*args, upstream=None):
+        def grad(*args: Tensor, upstream: Tensor | None = None) -> Tensor:
             # dL/dp_k = m * ([total >= eps] - [k == label] / c) / s, m = not clipped.
             u = _upstream(args, upstream) * ops.cast(ops.equal(q, c), p.dtype) / s
             rest = ops.where(total >= eps, u, 0.0)
@@ -415,7 +486,7 @@ def _sparse_probs(labels, p, ax: int):
     return core(p)
 
 
-def _class_ids(x, ax: int):
+def _class_ids(x: Tensor, ax: int) -> Tensor:
     """0, 1, ..., C-1 along `ax`, shaped to broadcast against x."""
     n = x.shape[ax] if x.shape[ax] is not None else ops.shape(x)[ax]
     shape = [1] * len(x.shape)
@@ -423,7 +494,7 @@ def _class_ids(x, ax: int):
     return ops.reshape(ops.arange(n, dtype="int32"), shape)
 
 
-def _take(x, labels, ax):
+def _take(x: Tensor, labels: Tensor, ax: int) -> Tensor:
     idx = ops.expand_dims(labels, ax)
     return ops.squeeze(ops.take_along_axis(x, idx, axis=ax), axis=ax)
 
@@ -431,7 +502,7 @@ def _take(x, labels, ax):
 # --------------------------------------------------------------------------- #
 # Pure functions
 # --------------------------------------------------------------------------- #
-@keras.saving.register_keras_serializable(package=PACKAGE, name="categorical_ce")
+@_register("categorical_ce")
 def categorical_ce(
     y_true: Any,
     y_pred: Any,
@@ -483,6 +554,8 @@ def categorical_ce(
     else:
         hint = ""
     _check_same_shape(y_true, y_pred, "categorical_ce", hint)
+    if y_pred.shape[ax] == 1:
+        _warn_single_class(y_pred, axis)
     y_true = ops.cast(y_true, y_pred.dtype)
 
     if label_smoothing:
@@ -498,7 +571,7 @@ def categorical_ce(
     return ops.cast(res, out_dtype)
 
 
-@keras.saving.register_keras_serializable(package=PACKAGE, name="sparse_categorical_ce")
+@_register("sparse_categorical_ce")
 def sparse_categorical_ce(
     y_true: Any,
     y_pred: Any,
@@ -543,8 +616,15 @@ def sparse_categorical_ce(
 
 
 def _sparse_categorical_ce(
-    y_true, y_pred, *, from_logits, ignore_class, axis, class_weights, attach_mask
-):
+    y_true: Tensor,
+    y_pred: Tensor,
+    *,
+    from_logits: bool,
+    ignore_class: int | None,
+    axis: int,
+    class_weights: Sequence[float] | None,
+    attach_mask: bool,
+) -> Tensor:
     _check_bool("from_logits", from_logits)
     ignore_class = _check_ignore_class(ignore_class)
     axis = _check_axis(axis)
@@ -611,7 +691,7 @@ def _sparse_categorical_ce(
     return res
 
 
-@keras.saving.register_keras_serializable(package=PACKAGE, name="binary_ce")
+@_register("binary_ce")
 def binary_ce(
     y_true: Any,
     y_pred: Any,
@@ -665,7 +745,9 @@ class _CrossEntropyLoss(keras.losses.Loss):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self._dtype_arg = _dtype_to_config(dtype)
 
-    def __call__(self, y_true, y_pred, sample_weight=None):
+    def __call__(
+        self, y_true: Tensor, y_pred: Tensor, sample_weight: Tensor | None = None
+    ) -> Tensor:
         # Keras casts y_pred to the loss dtype (float32 under mixed precision),
         # which drops the logits Keras attached to a float16 softmax output (and
         # any Keras mask). Carry them over so the stable path survives mixed
@@ -699,7 +781,7 @@ def _dtype_to_config(dtype: Any) -> Any:
     return keras.backend.standardize_dtype(dtype)
 
 
-@keras.saving.register_keras_serializable(package=PACKAGE, name="CategoricalCE")
+@_register("CategoricalCE")
 class CategoricalCE(_CrossEntropyLoss):
     """Categorical cross-entropy loss for one-hot (or soft) targets.
 
@@ -741,7 +823,7 @@ class CategoricalCE(_CrossEntropyLoss):
         self.axis = _check_axis(axis)
         self.class_weights = _check_class_weights(class_weights)
 
-    def call(self, y_true, y_pred):
+    def call(self, y_true: Tensor, y_pred: Tensor) -> Tensor:
         return categorical_ce(
             y_true,
             y_pred,
@@ -761,7 +843,7 @@ class CategoricalCE(_CrossEntropyLoss):
         }
 
 
-@keras.saving.register_keras_serializable(package=PACKAGE, name="SparseCategoricalCE")
+@_register("SparseCategoricalCE")
 class SparseCategoricalCE(_CrossEntropyLoss):
     """Categorical cross-entropy for integer class indices.
 
@@ -790,12 +872,16 @@ class SparseCategoricalCE(_CrossEntropyLoss):
         self.axis = _check_axis(axis)
         self.class_weights = _check_class_weights(class_weights)
 
-    def __call__(self, y_true, y_pred, sample_weight=None):
+    def __call__(
+        self, y_true: Tensor, y_pred: Tensor, sample_weight: Tensor | None = None
+    ) -> Tensor:
         if self.ignore_class is not None:
             sample_weight = self._ignore_weights(y_true, y_pred, sample_weight)
         return super().__call__(y_true, y_pred, sample_weight=sample_weight)
 
-    def _ignore_weights(self, y_true, y_pred, sample_weight):
+    def _ignore_weights(
+        self, y_true: Tensor, y_pred: Tensor, sample_weight: Tensor | None
+    ) -> Tensor | None:
         # Keras' mask rule, applied through the sample weights so that it works
         # the same on every backend. For "sum_over_batch_size"/"mean" valid
         # entries get weight total / valid (the mean runs over them only); for
@@ -835,7 +921,7 @@ class SparseCategoricalCE(_CrossEntropyLoss):
             sample_weight = ops.squeeze(sample_weight, axis=-1)
         return sample_weight * weights
 
-    def call(self, y_true, y_pred):
+    def call(self, y_true: Tensor, y_pred: Tensor) -> Tensor:
         return _sparse_categorical_ce(
             y_true,
             y_pred,
@@ -856,7 +942,7 @@ class SparseCategoricalCE(_CrossEntropyLoss):
         }
 
 
-@keras.saving.register_keras_serializable(package=PACKAGE, name="BinaryCE")
+@_register("BinaryCE")
 class BinaryCE(_CrossEntropyLoss):
     """Binary cross-entropy for independent 0/1 (or soft) labels.
 
@@ -879,7 +965,7 @@ class BinaryCE(_CrossEntropyLoss):
         self.label_smoothing = _check_label_smoothing(label_smoothing)
         self.axis = _check_axis(axis)
 
-    def call(self, y_true, y_pred):
+    def call(self, y_true: Tensor, y_pred: Tensor) -> Tensor:
         # Accept (batch,) targets for a (batch, 1) output, like Keras' built-in.
         if len(y_true.shape) == len(y_pred.shape) - 1 and y_pred.shape[-1] == 1:
             y_true = ops.expand_dims(y_true, -1)

@@ -37,6 +37,7 @@ import functools
 import importlib
 import inspect
 import os
+from collections.abc import Callable
 from typing import Any
 
 import keras
@@ -132,10 +133,12 @@ def _loss_as_metric(obj: Any) -> Any:
     """A per-sample mean over all samples, named after the loss."""
     if not inspect.isclass(obj):
         return keras.metrics.MeanMetricWrapper(fn=obj, name=obj.__name__)
+    # A loss class (Keras is untyped: its instances are Any, not `object`).
+    loss_cls: Callable[..., Any] = obj
     try:
-        inst = obj(reduction=None)
+        inst = loss_cls(reduction=None)
     except TypeError:  # A user loss whose __init__ takes no `reduction`.
-        inst = obj()
+        inst = loss_cls()
         return keras.metrics.MeanMetricWrapper(fn=inst.call, name=inst.name)
     return keras.metrics.MeanMetricWrapper(fn=inst, name=inst.name)
 
@@ -169,9 +172,9 @@ def get(identifier: Any) -> Any:
     return original(identifier)
 
 
-def _wrap(original, kind: str):
+def _wrap(original: Callable[[Any], Any], kind: str) -> Callable[[Any], Any]:
     @functools.wraps(original)
-    def patched_get(identifier):
+    def patched_get(identifier: Any) -> Any:
         if is_registered_name(identifier):
             return _resolve(identifier, kind)
         return original(identifier)
@@ -228,9 +231,11 @@ def _deserialize_keeping_names(value: Any) -> Any:
     return keras.saving.deserialize_keras_object(value)
 
 
-def _wrap_compile_from_config(original, trainer_cls):
+def _wrap_compile_from_config(
+    original: Callable[[Any, Any], Any], trainer_cls: type[Any]
+) -> Callable[[Any, Any], Any]:
     @functools.wraps(original)
-    def compile_from_config(self, config):
+    def compile_from_config(self: Any, config: Any) -> Any:
         # Keras deserializes a saved "P>N" string to the bare class:
         # training works, but model.loss is then a class and the reloaded model
         # cannot be saved again. Keep the strings, exactly as first compiled
@@ -251,7 +256,7 @@ def _wrap_compile_from_config(original, trainer_cls):
     return compile_from_config
 
 
-def _already_resolves(get_fn) -> bool:
+def _already_resolves(get_fn: Callable[[Any], Any]) -> bool:
     """True if this Keras resolves registered names by itself."""
     try:
         return get_fn(PREFIX + "CategoricalCE") is not None

@@ -16,6 +16,7 @@ Backend-neutral (keras.ops / NumPy); TensorFlow-only behaviour is skipped elsewh
 from __future__ import annotations
 
 import math
+import os
 import warnings
 
 import keras
@@ -526,16 +527,22 @@ def test_channels_first_segmentation_map(kind, from_logits, reduction):
     y_last = y if kind == "scce" else np.moveaxis(y, 1, -1)
     theirs = builtin(kind, from_logits=from_logits, reduction=reduction)
     v2, g2 = vjp(lambda x: theirs(y_last, x, sample_weight=sw), np.moveaxis(p, 1, -1))
-    if kind == "bce":  # BCE averages over the last axis: compare per-element instead.
-        v1 = ref_bce(y, p, from_logits=from_logits, axis=1)
-        v2 = ref_bce(y_last, np.moveaxis(p, 1, -1), from_logits=from_logits)
-        assert_close(
-            binary_ce(y, p, from_logits=from_logits, axis=1),
-            ref_bce(y, p, from_logits=from_logits, axis=1),
-        )
-    else:
-        assert_close(g1, np.moveaxis(g2, -1, 1))
+    # (BinaryCrossentropy averages over its last axis: on channels-last data that is
+    # the same labels BinaryCE(axis=1) averages over, so the built-in applies too.)
     assert_close(v1, v2)
+    assert_close(g1, np.moveaxis(g2, -1, 1))
+    if kind == "bce":
+        # An independent float64 expectation, written out along axis 1 (not through
+        # ref_bce's axis handling): mean over the classes of the per-label loss.
+        y64, p64 = y.astype(np.float64), p.astype(np.float64)
+        if from_logits:
+            per_label = np.logaddexp(0.0, p64) - p64 * y64  # softplus(x) - x y
+        else:  # make_case keeps p in [0.02, 0.98]: no clipping
+            per_label = -(y64 * np.log(p64) + (1.0 - y64) * np.log(1.0 - p64))
+        expected = per_label.sum(axis=1) / shape[1]
+        assert expected.shape == (2, 3, 4)
+        assert_close(binary_ce(y, p, from_logits=from_logits, axis=1), expected)
+        assert_close(v1, ref_reduce(expected, sw, reduction))
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -883,3 +890,67 @@ def test_no_warning_for_plain_inputs():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         CategoricalCE()(y, p)
+
+
+# --------------------------------------------------------------------------- #
+# A single class along the class axis (like Keras' categorical_crossentropy)
+# --------------------------------------------------------------------------- #
+SINGLE_CLASS = "num_classes > 1"
+
+
+def _single_class_case(shape=(4, 1)):
+    rng = np.random.default_rng(21)
+    return np.ones(shape, "float32"), rng.uniform(0.1, 0.9, size=shape).astype("float32")
+
+
+@pytest.mark.parametrize("from_logits", [False, True], ids=["probs", "logits"])
+def test_single_class_warns_eagerly_and_points_at_the_caller(from_logits):
+    y, p = _single_class_case()
+    with pytest.warns(UserWarning, match=SINGLE_CLASS) as record:
+        CategoricalCE(from_logits=from_logits)(y, p)
+    assert "BinaryCE" in str(record[0].message)
+    assert record[0].filename == __file__  # the user's line, not Keras'
+    with pytest.warns(UserWarning, match=SINGLE_CLASS):
+        categorical_ce(y, p, from_logits=from_logits)
+
+
+def test_single_class_along_a_non_last_axis_warns():
+    y, p = _single_class_case((2, 1, 3))
+    with pytest.warns(UserWarning, match=r"axis=1\). Received: y_pred.shape=\(2, 1, 3\)"):
+        CategoricalCE(axis=1)(y, p)
+
+
+def test_single_class_warns_once_per_call_site_in_an_eager_loop():
+    y, p = _single_class_case()
+    loss = CategoricalCE()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("default")  # Python's default action: once per location
+        for _ in range(5):
+            loss(y, p)
+    assert sum(SINGLE_CLASS in str(w.message) for w in record) == 1
+
+
+@tf_only
+def test_single_class_warns_at_trace_time_in_tf_function():
+    import tensorflow as tf
+
+    y, p = _single_class_case()
+    loss = CategoricalCE()
+    step = tf.function(lambda a, b: loss(a, b))
+    with pytest.warns(UserWarning, match=SINGLE_CLASS) as record:
+        step(tf.constant(y), tf.constant(p))
+    # It points at the traced user function (autograph's copy), not at TF/Keras.
+    site_packages = os.path.dirname(os.path.dirname(keras.__file__))
+    assert not record[0].filename.startswith(site_packages), record[0].filename
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        step(tf.constant(y), tf.constant(p))  # Same signature: no retrace, no warning.
+
+
+@pytest.mark.parametrize("shape, axis", [((4, 2), -1), ((2, 3, 1), 1), ((2, 1, 3), -1)])
+def test_two_or_more_classes_do_not_warn(shape, axis):
+    y, p = _single_class_case(shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CategoricalCE(axis=axis)(y, p)
+        categorical_ce(y, p, axis=axis)
