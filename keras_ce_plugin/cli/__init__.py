@@ -1,7 +1,8 @@
 """The ``keras-ce`` command line.
 
-Sub-commands: ``train``, ``compare`` (:mod:`keras_ce_plugin.cli.train`) and
-``export``, ``verify``, ``predict`` (:mod:`keras_ce_plugin.cli.export`). Each
+Sub-commands: ``train``, ``compare`` (:mod:`keras_ce_plugin.cli.train`),
+``export``, ``verify``, ``predict`` (:mod:`keras_ce_plugin.cli.export`) and
+``check-loss`` (:mod:`keras_ce_plugin.cli.check_loss`). Each
 command module only turns arguments into calls of the library, which it imports
 when its command runs. A :class:`~keras_ce_plugin.errors.KerasCEError` (bad
 input) is printed on one line without a traceback and exits with status 2; so is
@@ -45,7 +46,7 @@ def _missing(module: str) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``keras-ce`` (all sub-commands)."""
     from keras_ce_plugin import __version__
-    from keras_ce_plugin.cli import export, train
+    from keras_ce_plugin.cli import check_loss, export, train
 
     parser = argparse.ArgumentParser(
         prog="keras-ce",
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train.register(sub)
     export.register(sub)
+    check_loss.register(sub)
     return parser
 
 

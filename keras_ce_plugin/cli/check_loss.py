@@ -1,0 +1,83 @@
+"""``keras-ce check-loss``: the loss contract checker on the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+EXTRA = "core"
+EXIT_FAILED_CHECKS = 1
+
+
+def add_import_flag(p: argparse.ArgumentParser) -> None:
+    """``--import MODULE`` (repeatable): modules that register losses, imported first."""
+    p.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE (a dotted name or a .py file) first, e.g. the module that "
+        "registers a loss; repeatable",
+    )
+
+
+def _expected(text: str) -> tuple[str, str]:
+    check, sep, reason = text.partition("=")
+    if not sep or not check or not reason:
+        raise argparse.ArgumentTypeError(f"expected CHECK=REASON, got {text!r}")
+    return check, reason
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Adds the ``check-loss`` sub-command to ``sub``."""
+    p = sub.add_parser(
+        "check-loss",
+        help="check that a loss survives compile by name, save, reload, weights, backends",
+        description="Run the loss contract checks (keras_ce_plugin.testing.check_loss) on "
+        "each TARGET: package.module:Attr, path/to/file.py:Attr or a registered P>N name. "
+        "Exit status: 0 if every check passes, 1 if one fails, 2 if a TARGET cannot be found.",
+    )
+    p.add_argument("targets", nargs="+", metavar="TARGET", help="the loss(es) to check")
+    add_import_flag(p)
+    p.add_argument(
+        "--targets",
+        dest="target_kind",
+        choices=["categorical", "sparse", "binary"],
+        default="categorical",
+        help="the kind of labels the loss takes (default: categorical, one-hot)",
+    )
+    p.add_argument(
+        "--expected-failed",
+        dest="expected_failed",
+        type=_expected,
+        action="append",
+        default=[],
+        metavar="CHECK=REASON",
+        help="report CHECK as skipped with REASON (a known, documented limitation); repeatable",
+    )
+    p.add_argument("--json", action="store_true", help="print the report(s) as JSON")
+    p.set_defaults(handler=check_loss_command, check=None, extra=EXTRA)
+
+
+def check_loss_command(args: argparse.Namespace) -> int:
+    from keras_ce_plugin.targets import resolve_loss
+    from keras_ce_plugin.testing import check_losses
+
+    items = []
+    for target in args.targets:
+        resolved = resolve_loss(target, args.imports, what="check-loss")
+        module = target.rpartition(":")[0] if target.rpartition(":")[0].endswith(".py") else None
+        kwargs = {
+            "targets": args.target_kind,
+            "expected_failed_checks": dict(args.expected_failed) or None,
+            "module": module,
+        }
+        items.append((resolved.obj, kwargs))
+    reports = check_losses(items)
+    if args.json:
+        payload = [report.to_dict() for report in reports]
+        print(json.dumps(payload[0] if len(payload) == 1 else payload, indent=2))
+    else:
+        print("\n\n".join(str(report) for report in reports))
+    return 0 if all(report.ok for report in reports) else EXIT_FAILED_CHECKS

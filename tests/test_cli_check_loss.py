@@ -1,0 +1,58 @@
+"""``keras-ce check-loss`` through the real command, in fresh processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+TUTORIAL = str(REPO / "examples" / "your_own_loss" / "tutorial_loss.py")
+FIXED = str(REPO / "examples" / "your_own_loss" / "fixed_loss.py")
+
+
+def _keras_ce(*argv: str, cwd=REPO) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run(
+        [sys.executable, "-m", "keras_ce_plugin.cli", *argv],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def test_check_loss_reports_each_target_and_fails_on_a_broken_one():
+    """The plugin's own loss passes, the tutorial's fails: exit 1, both reports in JSON."""
+    proc = _keras_ce(
+        "check-loss", "customloss>CategoricalCE", f"{TUTORIAL}:Custom_CE_Loss", "--json"
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    reports = json.loads(proc.stdout)
+    assert [r["ok"] for r in reports] == [True, False], proc.stdout
+    plugin, tutorial = ({c["check"]: c["result"] for c in r["checks"]} for r in reports)
+    assert set(plugin.values()) <= {"passed", "skipped"}, plugin
+    for check in ("registered", "config_roundtrip", "sample_weight", "finite", "backends"):
+        assert tutorial[check] == "failed", (check, tutorial)
+
+
+def test_check_loss_table_and_exit_0_when_every_check_passes():
+    """A user's registered loss, by its P>N name after --import of its file."""
+    proc = _keras_ce("check-loss", "my_losses>CategoricalCrossEntropy", "--import", FIXED)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("check_loss(CategoricalCrossEntropy"), lines[:2]
+    assert lines[1].split() == ["check", "result", "reason"], lines[:2]
+    assert lines[-1].startswith("OK: "), lines[-1]
+
+
+def test_check_loss_unknown_target_is_one_line_exit_2(tmp_path):
+    for target in ("no_such_pkg>Nope", "no_such_module_xyz:Loss", f"{tmp_path}/missing.py:Loss"):
+        proc = _keras_ce("check-loss", target, cwd=tmp_path)
+        assert proc.returncode == 2, (target, proc.stdout, proc.stderr)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("keras-ce: error:")]
+        assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert target.split(":")[0].split(">")[0] in errors[0], errors[0]
