@@ -241,7 +241,7 @@ def _multi_worker_class(tf: Any) -> Any:
             __doc__ = _multi_worker_class.__doc__
 
             def reduce(self, reduce_op, value, axis=None):
-                parent = super()
+                parent_reduce = super().reduce  # the base class is untyped TensorFlow
 
                 def one(v):
                     ax = axis
@@ -249,7 +249,7 @@ def _multi_worker_class(tf: Any) -> Any:
                         local = self.experimental_local_results(v)[0]
                         if len(getattr(local, "shape", ())) == 0:
                             ax = None
-                    return parent.reduce(reduce_op, v, axis=ax)
+                    return parent_reduce(reduce_op, v, axis=ax)
 
                 return tf.nest.map_structure(one, value)
 

@@ -92,7 +92,7 @@ def clean_stale(target: str | os.PathLike) -> list[Path]:
     ``.old`` copy survived an interrupted swap, it is put back first.
     """
     target = Path(target)
-    removed = []
+    removed: list[Path] = []
     if not target.parent.is_dir():
         return removed
     for entry in sorted(target.parent.glob(f".{glob_escape(target.name)}.*")):
@@ -303,7 +303,7 @@ def _check_loss_names(p: Path, config: dict[str, Any], *, compile: bool) -> None
             f"does not register (it registers: {', '.join(sorted(naming.LOSS_NAMES))}). The "
             "file was written by a newer version of the plugin or edited: upgrade the plugin."
         )
-    compile_config = config.get("compile_config")
+    compile_config = config.get("compile_config") or {}
     hint = (
         " The model was compiled with it: import the module that registers it before "
         "loading (keras-ce: --import MODULE), or load with compile=False for inference."
