@@ -102,6 +102,25 @@ def test_top_k_is_capped_at_the_number_of_classes(shared, images, capsys):
     assert sum(p for _, p in ranked) == pytest.approx(1.0, abs=1e-3)
 
 
+def test_images_smaller_than_the_input_are_upscaled_with_one_warning_each(tmp_path):
+    import warnings
+
+    tiny, thin = tmp_path / "tiny.png", tmp_path / "thin.png"
+    Image.new("RGB", (1, 1), (250, 0, 0)).save(tiny)
+    Image.new("RGB", (16, 40), (0, 0, 250)).save(thin)
+    big = tmp_path / "big.png"
+    Image.new("RGB", (64, 64)).save(big)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        x, labels = ex.load_images([tiny, big, thin])
+    assert [str(w.message) for w in caught] == [
+        f"{tiny} is 1x1 pixels; upscaled to 32x32.",
+        f"{thin} is 16x40 pixels; upscaled to 32x32.",
+    ]
+    assert x.shape == (3, 32, 32, 3) and labels == [str(tiny), str(big), str(thin)]
+    np.testing.assert_allclose(x[0], np.broadcast_to([250 / 255, 0, 0], (32, 32, 3)), atol=1e-6)
+
+
 def test_predict_cli_end_to_end(shared, images):
     proc = cli(
         "predict",

@@ -22,6 +22,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from keras_ce_plugin.cli._output import one_line_warnings, print_error
 from keras_ce_plugin.errors import KerasCEError
 
 EXIT_USAGE = 2
@@ -61,15 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def one_line(message: object) -> str:
-    """``message`` with every run of whitespace (newlines too) as one space."""
-    return " ".join(str(message).split())
-
-
-def _print_error(message: object) -> None:
-    print(f"keras-ce: error: {one_line(message)}", file=sys.stderr)
-
-
 def missing_extra_message(command: str, name: str, extra: str) -> str | None:
     """The one-line message for a sub-command whose optional dependency is missing."""
     name = name.split(".")[0]
@@ -93,21 +85,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     for module in _REQUIRES.get(args.command, ()):
         if _missing(module):
-            _print_error(missing_extra_message(args.command, module, extra))
+            print_error(missing_extra_message(args.command, module, extra))
             return EXIT_USAGE
     try:
-        return int(handler(args) or 0)
+        with one_line_warnings():
+            return int(handler(args) or 0)
     except KerasCEError as exc:
-        _print_error(exc)
+        print_error(exc)
         return EXIT_USAGE
     except ModuleNotFoundError as exc:
         message = missing_extra_message(args.command, exc.name or "", extra)
         if message is None:
             raise
-        _print_error(message)
+        print_error(message)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        _print_error("interrupted")
+        print_error("interrupted")
         return 130
 
 

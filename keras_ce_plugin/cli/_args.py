@@ -37,3 +37,21 @@ def add_data_flags(p: argparse.ArgumentParser, *, train: bool = True) -> None:
     if train:
         p.add_argument("--limit-train", type=positive_int, help="use the first N training images")
     p.add_argument("--limit-test", type=positive_int, help="use the first N test images")
+
+
+IMPORT_HELP = (
+    "import MODULE (a dotted name or a path/to/file.py) first, so that a loss it "
+    "registers (e.g. my_losses>Focal) is known; repeatable"
+)
+
+
+def add_import_flag(p: argparse.ArgumentParser, help: str = IMPORT_HELP) -> None:
+    """``--import MODULE`` (repeatable), stored as ``args.imports``."""
+    p.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help=help,
+    )

@@ -5,21 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
+from keras_ce_plugin.cli._args import add_import_flag
+
 EXTRA = "core"
 EXIT_FAILED_CHECKS = 1
-
-
-def add_import_flag(p: argparse.ArgumentParser) -> None:
-    """``--import MODULE`` (repeatable): modules that register losses, imported first."""
-    p.add_argument(
-        "--import",
-        dest="imports",
-        action="append",
-        default=[],
-        metavar="MODULE",
-        help="import MODULE (a dotted name or a .py file) first, e.g. the module that "
-        "registers a loss; repeatable",
-    )
 
 
 def _expected(text: str) -> tuple[str, str]:

@@ -1,18 +1,33 @@
 """``keras-ce export``, ``verify`` and ``predict``: serving artifacts.
 
 Each command turns its arguments into calls of :mod:`keras_ce_plugin.export`
-(imported when the command runs) and prints the results.
+(imported when the command runs) and prints the results. ``--import MODULE``
+imports a module that registers the model's loss first; a warning (such as a
+model loaded for inference without its loss) is printed on one line,
+``keras-ce: warning: ...``.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-from keras_ce_plugin.cli._args import add_data_flags, positive_int
+from keras_ce_plugin.cli._args import add_data_flags, add_import_flag, positive_int
 
 EXTRA = "export"
+_IMPORT_HELP = (
+    "import MODULE (a dotted name or a path/to/file.py) before loading the model, so "
+    "that a loss it registers (e.g. my_losses>Focal) is known; repeatable"
+)
+
+
+def _import_modules(imports: Sequence[str]) -> None:
+    if imports:
+        from keras_ce_plugin.targets import import_modules
+
+        import_modules(imports)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,7 +38,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Export a .keras model for serving, with a manifest of SHA-256 hashes.",
     )
     p.add_argument("model", help="path to a .keras file")
-    p.add_argument("--out", required=True, help="export directory")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="export directory (checked before any work: not a file, not under a file, "
+        "in a directory you can write to)",
+    )
     p.add_argument(
         "--formats",
         default="savedmodel,onnx",
@@ -43,6 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "on (default: $KERAS_CE_CIFAR10_DIR, else Keras downloads CIFAR-10)",
     )
     p.add_argument("--overwrite", action="store_true")
+    add_import_flag(p, _IMPORT_HELP)
     p.set_defaults(handler=export_command, check=None, extra=EXTRA)
 
     p = sub.add_parser(
@@ -54,24 +75,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("export_dir", help="directory written by `keras-ce export`")
     add_data_flags(p, train=False)
     p.add_argument("--atol", type=float, default=1e-5)
+    add_import_flag(
+        p,
+        _IMPORT_HELP + " (the process that checks the Keras model imports it too)",
+    )
     p.set_defaults(handler=verify_command, check=None, extra=EXTRA)
 
     p = sub.add_parser(
         "predict",
         help="classify images with a .keras, SavedModel or .onnx artifact",
-        description="Classify PNG/JPEG files (resized to 32x32) or .npy batches.",
+        description="Classify PNG/JPEG files (resized to 32x32; a smaller image is "
+        "upscaled, with a warning) or .npy batches.",
     )
     p.add_argument("artifact", help="a .keras file, a SavedModel directory or an .onnx file")
     p.add_argument("images", nargs="+", help="PNG/JPEG files or .npy batches")
     p.add_argument("--top-k", type=positive_int, default=3)
+    add_import_flag(p, _IMPORT_HELP)
     p.set_defaults(handler=predict_command, check=None, extra=EXTRA)
 
 
 def export_command(args: argparse.Namespace) -> int:
-    """``keras-ce export MODEL --out DIR [--formats ...] [--opset N] [--quantize int8]``."""
+    """``keras-ce export MODEL --out DIR [--formats ...] [--opset N] [--quantize int8]
+    [--import M]``."""
     from keras_ce_plugin import export
 
     out = Path(args.out)
+    export.check_out_dir(out, overwrite=bool(args.overwrite))  # before any work
+    _import_modules(getattr(args, "imports", None) or [])
     print(f"Exporting {args.model} to {out}/")
     manifest = export.export_model_dir(
         args.model,
@@ -95,14 +125,18 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
 
 
 def verify_command(args: argparse.Namespace) -> int:
-    """``keras-ce verify DIR [--data-dir D] [--limit-test N] [--atol 1e-5]``."""
+    """``keras-ce verify DIR [--data-dir D] [--limit-test N] [--atol 1e-5] [--import M]``."""
     from keras_ce_plugin import export
 
     export_dir = Path(args.export_dir)
+    imports = getattr(args, "imports", None) or []
+    _import_modules(imports)  # here too: a bad MODULE is named before any work
     manifest, n_files = export.check_export(export_dir)
     print(f"{export_dir}/{export.MANIFEST_FILE}: {n_files} files, sizes and SHA-256 match")
     images, labels = export.verification_images(args.data_dir, args.limit_test)
-    result = export.compare_artifacts(export_dir, manifest, images, labels, atol=args.atol)
+    result = export.compare_artifacts(
+        export_dir, manifest, images, labels, atol=args.atol, imports=imports
+    )
     print(
         f"Predictions on {result['images']} CIFAR-10 test images, each artifact in a fresh "
         f"process (atol {result['atol']:g}):"
@@ -129,9 +163,10 @@ def verify_command(args: argparse.Namespace) -> int:
 
 
 def predict_command(args: argparse.Namespace) -> int:
-    """``keras-ce predict ARTIFACT IMAGE... [--top-k 3]``: prints the top classes per image."""
+    """``keras-ce predict ARTIFACT IMAGE... [--top-k 3] [--import M]``: top classes per image."""
     from keras_ce_plugin import export
 
+    _import_modules(getattr(args, "imports", None) or [])
     images, labels = export.load_images(args.images)
     probabilities, class_names = export.predict_images(args.artifact, images)
     width = max(len(label) for label in labels)

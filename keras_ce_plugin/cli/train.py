@@ -20,6 +20,9 @@ from keras_ce_plugin.cli._args import add_data_flags, non_negative_int, positive
 from keras_ce_plugin.errors import KerasCEError
 
 EXTRA = "experiment"
+# Kept in step with keras_ce_plugin.training (not imported here: it needs TensorFlow).
+DEFAULT_LOSS = "customloss>CategoricalCE"
+DEFAULT_TOLERANCE = 1e-5
 
 # Flags that define a run: a resumed run takes them from its checkpoint.
 _RUN_FLAGS = (
@@ -28,6 +31,7 @@ _RUN_FLAGS = (
     "limit_test",
     "weights",
     "loss",
+    "imports",
     "epochs",
     "batch_size",
     "learning_rate",
@@ -68,9 +72,34 @@ def _add_train_flags(p: argparse.ArgumentParser, *, out_required: bool = True) -
         "train step (step: the curves drift by float rounding over the epochs), or "
         "nothing (none: bitwise the tutorial's curves)",
     )
-    p.add_argument("--out", required=out_required, help="run directory to write")
+    p.add_argument(
+        "--loss",
+        default=DEFAULT_LOSS,
+        metavar="TARGET",
+        help="the loss: a registered P>N name, package.module:Attr, path/to/file.py:Attr "
+        f"or a Keras identifier such as categorical_crossentropy (default: {DEFAULT_LOSS})",
+    )
+    p.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE (a dotted name or a .py file) before resolving --loss, e.g. the "
+        "module that registers a P>N name; repeatable",
+    )
+    p.add_argument(
+        "--out",
+        required=out_required,
+        help="run directory to write (checked before any work: it must be a directory "
+        "that can be created or written)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="print only the summary line: no epoch lines, feature bar or checkpoint notes",
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -81,11 +110,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Train the tutorial's frozen VGG16 + dense head on CIFAR-10.",
     )
     _add_train_flags(p, out_required=False)  # --resume RUN_DIR names it too
-    p.add_argument(
-        "--loss",
-        default="customloss>CategoricalCE",
-        help="loss name as given to compile (default: customloss>CategoricalCE)",
-    )
     p.add_argument(
         "--checkpoint-every",
         type=non_negative_int,
@@ -122,17 +146,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "compare",
-        help="train with customloss>CategoricalCE and with Keras' built-in, side by side",
-        description="Train twice from the same seed and initial weights, once with "
-        "customloss>CategoricalCE and once with keras.losses.CategoricalCrossentropy(), "
-        "and report the differences.",
+        help="train with --loss and with Keras' CategoricalCrossentropy(), side by side",
+        description="Train twice from the same seed and initial weights, once with --loss "
+        "(default: customloss>CategoricalCE) and once with "
+        "keras.losses.CategoricalCrossentropy(), and report both curves, their "
+        "differences and both test accuracies.",
     )
     _add_train_flags(p)
     p.add_argument(
         "--tolerance",
         type=float,
-        default=1e-5,
-        help="largest absolute per-epoch difference accepted (default: 1e-5)",
+        default=None,
+        help="largest absolute per-epoch difference accepted; gives a pass/fail verdict "
+        f"(exit status 1 when exceeded). Default: {DEFAULT_TOLERANCE:g} for the default "
+        "--loss; for any other --loss, no verdict unless given",
     )
     p.set_defaults(handler=compare_command, check=None, extra=EXTRA)
 
@@ -156,10 +183,12 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 def _arguments(args: argparse.Namespace) -> dict[str, Any]:
     """The arguments as JSON values, recorded in metrics.json and the checkpoint."""
-    out = {}
+    out: dict[str, Any] = {}
     for key, value in sorted(vars(args).items()):
         if isinstance(value, (str, int, float, bool)) or value is None:
             out[key] = value
+        elif isinstance(value, (list, tuple)):
+            out[key] = [str(v) for v in value]
         else:
             out[key] = str(value)
     return out
@@ -222,12 +251,49 @@ def _say(args: argparse.Namespace, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
+def _is_file_spec(spec: str) -> bool:
+    return spec.endswith(".py") or "/" in spec or "\\" in spec
+
+
+def _absolute_paths(args: argparse.Namespace) -> None:
+    """``.py`` files in ``--import`` and ``--loss file.py:Attr`` made absolute, so that
+    the recorded arguments (and ``--resume``) find them from any working directory."""
+    args.imports = [os.path.abspath(m) if _is_file_spec(m) else m for m in args.imports]
+    module, sep, attr = args.loss.rpartition(":")
+    if sep and module and _is_file_spec(module):
+        args.loss = f"{os.path.abspath(module)}:{attr}"
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    """``--out`` must be a directory this process can create or write (one line if not)."""
+    from pathlib import Path
+
+    from keras_ce_plugin._writable import check_writable_dir
+
+    check_writable_dir(Path(args.out), flag="--out")
+
+
+def _loss_target(args: argparse.Namespace) -> Any:
+    """``--import`` each module, then resolve ``--loss`` (a one-line error if either fails)."""
+    from keras_ce_plugin.targets import resolve_loss
+
+    return resolve_loss(args.loss, args.imports)
+
+
+def _loss_arguments(args: argparse.Namespace, target: Any) -> dict[str, Any]:
+    """The recorded arguments with what ``--loss`` resolved to: the name the model is
+    compiled with (``None``: a loss object) and the module that defines it."""
+    return {**_arguments(args), "loss_identifier": target.identifier, "loss_module": target.module}
+
+
 def train_command(args: argparse.Namespace) -> int:
     """``keras-ce train``: trains and writes ``--out``; returns the exit status.
 
     ``--resume`` continues the killed run in ``--out`` from its checkpoint, with the
-    arguments it was started with.
+    arguments it was started with (its ``--loss`` and ``--import`` modules included).
     """
+    _absolute_paths(args)
+    _check_out(args)
     from keras_ce_plugin.training import RUN_FILES, run
 
     checkpoint = None
@@ -236,10 +302,14 @@ def train_command(args: argparse.Namespace) -> int:
         args = _resumed_args(args, checkpoint.meta.get("arguments", {}))
     # Before TensorFlow initialises its devices.
     strategy = run.distribution(args.strategy, args.devices, args.mixed_precision)
-    config = _config_from_args(args, loss=args.loss)
+    target = _loss_target(args)
+    config = _config_from_args(args, loss=target.instance())
     config.validate()
     common = dict(
-        data=_data(args), arguments=_arguments(args), resume=checkpoint, strategy=strategy
+        data=_data(args),
+        arguments=_loss_arguments(args, target),
+        resume=checkpoint,
+        strategy=strategy,
     )
     if not run.writes_out(args.strategy):
         who = run.worker_name()
@@ -263,26 +333,37 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def compare_command(args: argparse.Namespace) -> int:
-    """``keras-ce compare``: the same training with the custom and the built-in loss.
+    """``keras-ce compare``: the same training with ``--loss`` and with Keras' built-in.
 
-    Returns 0 when every per-epoch difference is within ``--tolerance``, else 1.
+    Returns 1 when a verdict was asked for (``--tolerance``, or the default loss) and
+    some per-epoch difference exceeds it, else 0.
     """
-    from keras_ce_plugin.training import COMPARE_FILES, DEFAULT_LOSS, run_compare
+    _absolute_paths(args)
+    _check_out(args)
+    from keras_ce_plugin.training import COMPARE_FILES, run_compare
 
+    target = _loss_target(args)
     summary = run_compare(
         args.out,
-        _config_from_args(args, loss=DEFAULT_LOSS),
+        _config_from_args(args, loss=target.instance()),
         data=_data(args),
         tolerance=args.tolerance,
-        arguments=_arguments(args),
+        arguments=_loss_arguments(args, target),
         overwrite=args.overwrite,
+        label=target.label,
     )
     worst, tolerance = summary["max_abs_diff_overall"], summary["tolerance"]
     accuracy = summary["test_accuracy"]
+    if summary["agree"] is None:
+        verdict = "COMPARED (no verdict; give --tolerance for one)"
+        within = ""
+    else:
+        verdict = "AGREE" if summary["agree"] else "DIFFER"
+        within = f" (tolerance {tolerance:g})"
     print(
-        f"{'AGREE' if summary['agree'] else 'DIFFER'}: largest per-epoch |custom - built-in| = "
-        f"{worst:.3e} (tolerance {tolerance:g}); test accuracy custom {accuracy['custom']:.4f}, "
-        f"built-in {accuracy['builtin']:.4f}; wrote {', '.join(COMPARE_FILES)} to {args.out}",
+        f"{verdict}: largest per-epoch |custom - built-in| = {worst:.3e}{within}; test "
+        f"accuracy custom ({target.label}) {accuracy['custom']:.4f}, built-in "
+        f"{accuracy['builtin']:.4f}; wrote {', '.join(COMPARE_FILES)} to {args.out}",
         flush=True,
     )
-    return 0 if summary["agree"] else 1
+    return 1 if summary["agree"] is False else 0

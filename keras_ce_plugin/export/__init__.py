@@ -15,7 +15,8 @@ One module per concern, after Keras' own ``keras/src/export/``:
 * :mod:`~keras_ce_plugin.export.quantize` -- :func:`quantize_int8`.
 * :mod:`~keras_ce_plugin.export.bundle` -- :func:`export_model_dir` writes an export
   directory (a copy of the ``.keras`` file, the formats, ``manifest.json`` with the
-  SHA-256 of every file) and swaps it in atomically; :func:`read_manifest`,
+  SHA-256 of every file) and swaps it in atomically; :func:`check_out_dir` (run
+  first: the ``--out`` directory can be written), :func:`read_manifest`,
   :func:`check_files`.
 * :mod:`~keras_ce_plugin.export.verify` -- :func:`verify_export`: every artifact in
   its own fresh process, compared with the Keras model.
@@ -45,6 +46,7 @@ from keras_ce_plugin.export.bundle import (
     ONNX_FILE,
     SAVEDMODEL_DIR,
     check_files,
+    check_out_dir,
     export_model_dir,
     manifest_class_names,
     parse_formats,
@@ -107,6 +109,7 @@ __all__ = [
     "KerasPredictor",
     "check_export",
     "check_files",
+    "check_out_dir",
     "compare_artifacts",
     "default_class_names",
     "export_model_dir",

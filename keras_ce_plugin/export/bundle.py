@@ -34,6 +34,7 @@ from typing import Any
 
 from keras_ce_plugin._version import __version__
 from keras_ce_plugin._versions import versions as _versions
+from keras_ce_plugin._writable import check_writable_dir
 from keras_ce_plugin.errors import KerasCEError
 from keras_ce_plugin.export._common import ArtifactExistsError, make_readable
 from keras_ce_plugin.export.onnx import check_opset, export_onnx, opset_of
@@ -87,9 +88,15 @@ def _file_entries(root: Path) -> dict[str, dict[str, Any]]:
     return files
 
 
-def _check_out_dir(out: Path, overwrite: bool) -> None:
-    if out.is_file() or (out.is_symlink() and not out.is_dir()):
-        raise KerasCEError(f"`--out` {out} is a file; it must be a directory (or not exist).")
+def check_out_dir(out: str | os.PathLike, overwrite: bool = False) -> None:
+    """Raises KerasCEError unless an export can be written at ``out``.
+
+    ``out`` must be writable (:func:`keras_ce_plugin._writable.check_writable_dir`),
+    and an existing ``out`` is replaced only with ``overwrite`` and only if it is
+    empty or an export (it has a manifest). Called before any export work.
+    """
+    out = Path(out)
+    check_writable_dir(out, flag="--out")
     if not out.exists():
         return
     if not overwrite:
@@ -138,7 +145,9 @@ def export_model_dir(
     The model is loaded with :func:`keras_ce_plugin.files.load_keras_model`
     (``compile=False``; its checks apply). The whole directory is assembled in a
     temporary sibling and renamed into place, so a previous export at ``out``
-    stays intact until the new one is complete. ``quantize="int8"`` calibrates on
+    stays intact until the new one is complete. Before any work, ``out`` is checked
+    (:func:`check_out_dir`: not a file, not under a file, in a directory that
+    accepts a new directory; an existing one only with ``overwrite``). ``quantize="int8"`` calibrates on
     CIFAR-10 training images from ``data_dir`` (default ``$KERAS_CE_CIFAR10_DIR``,
     see :func:`keras_ce_plugin.data.load_cifar10`). ``log`` receives one line per
     artifact written.
@@ -150,7 +159,7 @@ def export_model_dir(
     if quantize and "onnx" not in formats:
         raise KerasCEError("`--quantize int8` quantizes the ONNX model: add onnx to `--formats`.")
     opset = check_opset(opset)
-    _check_out_dir(out, overwrite)
+    check_out_dir(out, overwrite)
     model = load_keras_model(model_path, compile=False)
     try:
         signature = serving_signature(model)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -53,6 +54,15 @@ def _load_npy(path: Path) -> np.ndarray:
     return _check_npy(array, path)
 
 
+def _warn_upscaled(path: Path, size: tuple[int, int]) -> None:
+    """One warning per image smaller than the model input: its details are invented."""
+    warnings.warn(
+        f"{path} is {size[0]}x{size[1]} pixels; upscaled to {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}.",
+        UserWarning,
+        stacklevel=4,
+    )
+
+
 def _load_picture(path: Path) -> np.ndarray:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -65,6 +75,8 @@ def _load_picture(path: Path) -> np.ndarray:
                 )
             rgb = ImageOps.exif_transpose(img).convert("RGB")  # camera orientation
             if rgb.size != IMAGE_SIZE:
+                if rgb.size[0] < IMAGE_SIZE[0] or rgb.size[1] < IMAGE_SIZE[1]:
+                    _warn_upscaled(path, rgb.size)
                 rgb = rgb.resize(IMAGE_SIZE, Image.Resampling.BILINEAR)
             pixels = np.asarray(rgb, dtype=np.uint8)
     except UnidentifiedImageError:
@@ -82,7 +94,8 @@ def load_images(paths: Sequence[str | os.PathLike]) -> tuple[np.ndarray, list[st
     """PNG/JPEG files and ``.npy`` batches -> ``(x, labels)``: float32 ``(N, 32, 32, 3)``.
 
     Images are turned upright (EXIF orientation), converted to RGB, resized to 32x32
-    (bilinear, antialiased) and divided by 255. A ``.npy`` file holds one image
+    (bilinear, antialiased) and divided by 255; an image smaller than 32x32 in
+    either side is upscaled with a :class:`UserWarning` naming it and its size. A ``.npy`` file holds one image
     ``(32, 32, 3)`` or a batch ``(N, 32, 32, 3)``: uint8 pixels (divided by 255 here)
     or floats already in ``[0, 1]``; it is read with ``allow_pickle=False``. The
     labels name each image: the file, or ``FILE[i]`` for the rows of a batch.

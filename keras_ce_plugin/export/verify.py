@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -56,17 +57,27 @@ _SCRIPTS = {
 def keras_worker(argv: Sequence[str]) -> int:
     """Worker: predicts IMAGES.npy with the .keras model; writes OUT.npy and a report.
 
-    The model is loaded with :func:`keras_ce_plugin.files.load_keras_model`
-    (``compile=False``); a :class:`KerasCEError` is printed on one line (exit 2).
+    ``argv`` is ``ARTIFACT IMAGES OUT REPORT [MODULE...]``: each MODULE (a dotted
+    name or an absolute ``.py`` path, see :func:`keras_ce_plugin.targets.import_modules`)
+    is imported first, so that a loss it registers is known. The model is loaded
+    with :func:`keras_ce_plugin.files.load_keras_model` (``compile=False``); its
+    warnings go into the report, a :class:`KerasCEError` is printed on one line
+    (exit 2).
     """
     import keras
 
     from keras_ce_plugin.files import load_keras_model
 
-    artifact, images_path, out_path, report_path = argv
+    artifact, images_path, out_path, report_path, *imports = argv
     t0 = time.perf_counter()
     try:
-        model = load_keras_model(artifact, compile=False)
+        if imports:
+            from keras_ce_plugin.targets import import_modules
+
+            import_modules(imports)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            model = load_keras_model(artifact, compile=False)
     except KerasCEError as exc:
         print(" ".join(str(exc).split()), file=sys.stderr)
         return 2
@@ -83,29 +94,65 @@ def keras_worker(argv: Sequence[str]) -> int:
                 "load_s": load_s,
                 "predict_s": predict_s,
                 "forbidden_modules_present": [],
+                "warnings": list(
+                    dict.fromkeys(
+                        str(w.message) for w in caught if issubclass(w.category, UserWarning)
+                    )
+                ),
             },
             f,
         )
     return 0
 
 
-def _worker_command(fmt: str, artifact: Path, io_paths: Sequence[str]) -> list[str]:
+def _worker_imports(imports: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``--import`` specs as the Keras worker (another directory) takes them.
+
+    A ``.py`` path becomes absolute. A dotted name stays as it is; the folder its
+    top-level package was imported from here (if it is already imported) is
+    returned too, to put on the worker's ``PYTHONPATH``.
+    """
+    specs, folders = [], []
+    for spec in imports:
+        spec = str(spec)
+        if spec.endswith(".py") or "/" in spec or "\\" in spec:
+            specs.append(str(Path(spec).resolve()))
+            continue
+        specs.append(spec)
+        top = sys.modules.get(spec.split(".")[0])
+        where = getattr(top, "__file__", None)
+        if where:
+            folder = Path(where).resolve().parent
+            if Path(where).name == "__init__.py":
+                folder = folder.parent
+            folders.append(str(folder))
+    return specs, list(dict.fromkeys(folders))
+
+
+def _worker_command(
+    fmt: str, artifact: Path, io_paths: Sequence[str], imports: Sequence[str] = ()
+) -> list[str]:
     if fmt == "keras":
-        return [sys.executable, "-c", _RUN_KERAS, str(artifact), *io_paths]
+        return [sys.executable, "-c", _RUN_KERAS, str(artifact), *io_paths, *imports]
     script = _HERE / _SCRIPTS[fmt]
     return [sys.executable, "-c", _RUN_SCRIPT, str(script), str(artifact), *io_paths]
 
 
-def _run_worker(fmt: str, artifact: Path, images_path: Path, work: Path):
+def _run_worker(
+    fmt: str, artifact: Path, images_path: Path, work: Path, imports: Sequence[str] = ()
+):
     what, runtime = WORKERS[fmt]
     out_path, report_path = work / f"{fmt}.npy", work / f"{fmt}.json"
     env = {**os.environ}
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    specs: list[str] = []
     if fmt == "keras":  # importable even when the package is used from a source tree
+        specs, folders = _worker_imports(imports)
         env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(_PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p
+            p for p in (str(_PACKAGE_ROOT), *folders, env.get("PYTHONPATH", "")) if p
         )
-    cmd = _worker_command(fmt, artifact, [str(images_path), str(out_path), str(report_path)])
+    io_paths = [str(images_path), str(out_path), str(report_path)]
+    cmd = _worker_command(fmt, artifact, io_paths, specs)
     try:
         proc = subprocess.run(
             cmd, cwd=work, env=env, capture_output=True, text=True, timeout=_WORKER_TIMEOUT_S
@@ -128,6 +175,8 @@ def _run_worker(fmt: str, artifact: Path, images_path: Path, work: Path):
             f"The {what} process imported {report['forbidden_modules_present']}, "
             f"which it must serve without."
         )
+    for message in report.get("warnings", ()):
+        warnings.warn(message, UserWarning, stacklevel=3)
     return np.load(out_path, allow_pickle=False), report
 
 
@@ -188,11 +237,14 @@ def compare_artifacts(
     labels: np.ndarray | None = None,
     *,
     atol: float = 1e-5,
+    imports: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Predicts ``images`` with every artifact in ``manifest``, each in a fresh process.
 
     The manifest must have passed :func:`check_export`. Returns ``{"ok", "images",
-    "atol", "rows"}`` as :func:`verify_export` does (without ``files``).
+    "atol", "rows"}`` as :func:`verify_export` does (without ``files``). ``imports``
+    (``--import MODULE``: dotted names or ``.py`` paths) are imported by the Keras
+    worker before it loads the model; its load warnings are re-issued here.
     """
     if isinstance(atol, bool) or not isinstance(atol, (int, float)) or not atol >= 0:
         raise KerasCEError(f"`--atol` must be a number >= 0. Received: atol={atol!r}")
@@ -213,7 +265,7 @@ def compare_artifacts(
         reference = None
         for fmt in manifest["formats"]:
             artifact = (export_dir / ARTIFACTS[fmt]).resolve()
-            probs, report = _run_worker(fmt, artifact, images_path, work)
+            probs, report = _run_worker(fmt, artifact, images_path, work, imports)
             if fmt == "keras":
                 reference = probs
             rows.append(_row(fmt, probs, report, reference, truth, atol))
@@ -226,6 +278,7 @@ def verify_export(
     labels: np.ndarray | None = None,
     *,
     atol: float = 1e-5,
+    imports: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Checks the manifest hashes, then predicts ``images`` with every artifact.
 
@@ -234,7 +287,8 @@ def verify_export(
     most ``atol`` and it agrees on the top-1 class of every image; the int8 model,
     lossy by design, passes if it agrees on the top-1 class of at least
     :data:`~keras_ce_plugin.export.quantize.INT8_MIN_AGREEMENT` of the images (its
-    max |diff| is reported, not judged).
+    max |diff| is reported, not judged). ``imports`` are passed to the Keras worker
+    (see :func:`compare_artifacts`).
 
     Returns:
         ``{"ok": bool, "files": n, "images": n, "atol": atol, "rows": [...]}`` with
@@ -242,5 +296,5 @@ def verify_export(
         ``accuracy``, ``load_s``, ``ok``, ``problem``).
     """
     manifest, n_files = check_export(export_dir)
-    result = compare_artifacts(export_dir, manifest, images, labels, atol=atol)
+    result = compare_artifacts(export_dir, manifest, images, labels, atol=atol, imports=imports)
     return {"ok": result["ok"], "files": n_files, **result}
