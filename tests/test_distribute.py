@@ -324,26 +324,25 @@ def test_recipe_exact_for_uneven_final_batch(custom_loop):
     assert res["recipe_fixed_gbs"] > 1e-4
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Keras fit under a strategy averages per-replica means: a short final batch that "
-    "splits unevenly (3 -> 2/1) is weighted wrongly. Use a dataset size divisible by the "
-    "global batch, drop_remainder=True, or the custom-loop recipe.",
-)
-def test_keras_fit_uneven_final_batch(custom_loop):
-    assert custom_loop["uneven"]["fit"] <= 1e-5
+# What Keras itself does under a strategy: the reasons for the recipe and for the advice
+# in the docs. Each test asserts the behaviour as it is, so it fails (and the advice must
+# be revisited) the day Keras changes it.
+def test_keras_fit_weighs_an_uneven_final_batch_per_replica(custom_loop):
+    """Keras ``fit`` under a strategy averages the per-replica means: a short final
+    batch split unevenly (3 -> 2/1) is weighted wrongly, so two replicas end with other
+    weights than one device. The custom-loop recipe (all-reduced batch size) does not."""
+    res = custom_loop["uneven"]
+    assert res["fit"] > 1e-4, res["fit"]
+    assert res["recipe_vs_fit"] <= 1e-5  # the recipe on two replicas = fit on one device
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Keras fit with reduction='mean_with_sample_weight' divides by each replica's own "
-    "weight sum, so replicas with unequal weight sums give a different update than one "
-    "device. Use the default 'sum_over_batch_size' under a strategy.",
-)
-def test_keras_fit_mean_with_sample_weight_under_strategy(custom_loop):
+def test_keras_fit_mean_with_sample_weight_divides_per_replica(custom_loop):
+    """Keras ``fit`` with ``reduction="mean_with_sample_weight"`` divides by each
+    replica's own weight sum: with unequal weight sums two replicas give another update
+    than one device (which computes the global weighted mean)."""
     res = custom_loop["mean_with_sample_weight"]
-    assert res["one_vs_ref"] <= 1e-5  # on one device Keras computes the global weighted mean
-    assert res["two_vs_ref"] <= 1e-5
+    assert res["one_vs_ref"] <= 1e-5  # one device: the global weighted mean
+    assert res["two_vs_ref"] > 1e-3, res["two_vs_ref"]
 
 
 # --------------------------------------------------------------------------- #

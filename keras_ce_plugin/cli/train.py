@@ -16,7 +16,12 @@ import os
 import sys
 from typing import Any
 
-from keras_ce_plugin.cli._args import add_data_flags, non_negative_int, positive_int
+from keras_ce_plugin.cli._args import (
+    add_data_flags,
+    add_import_flag,
+    non_negative_int,
+    positive_int,
+)
 from keras_ce_plugin.errors import KerasCEError
 
 EXTRA = "experiment"
@@ -79,13 +84,9 @@ def _add_train_flags(p: argparse.ArgumentParser, *, out_required: bool = True) -
         help="the loss: a registered P>N name, package.module:Attr, path/to/file.py:Attr "
         f"or a Keras identifier such as categorical_crossentropy (default: {DEFAULT_LOSS})",
     )
-    p.add_argument(
-        "--import",
-        dest="imports",
-        action="append",
-        default=[],
-        metavar="MODULE",
-        help="import MODULE (a dotted name or a .py file) before resolving --loss, e.g. the "
+    add_import_flag(
+        p,
+        "import MODULE (a dotted name or a .py file) before resolving --loss, e.g. the "
         "module that registers a P>N name; repeatable",
     )
     p.add_argument(

@@ -109,6 +109,21 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     )
 
 
+def read_meta(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The meta (epoch, history, arguments, ...) of the checkpoint at ``path`` without
+    its arrays; ``None`` if it is missing or unreadable.
+
+    >>> read_meta("/nonexistent/checkpoint.npz") is None
+    True
+    """
+    try:
+        with np.load(Path(path), allow_pickle=False) as z:
+            meta = json.loads(z["meta"].tobytes().decode())
+    except Exception:
+        return None
+    return meta if isinstance(meta, dict) and isinstance(meta.get("epoch"), int) else None
+
+
 def _assign_all(variables: Sequence[Any], values: Sequence[np.ndarray], what: str) -> None:
     got = [tuple(v.shape) for v in variables]
     want = [tuple(a.shape) for a in values]

@@ -1,10 +1,12 @@
-"""The ``compare`` experiment: the same training with the custom and the built-in loss.
+"""The ``compare`` experiment: the same training with a loss and with Keras' built-in.
 
 :func:`run_compare` trains twice from the same seed and initial weights (and the
-same cached features), with ``customloss>CategoricalCE`` and with
+same cached features), with a loss (default ``customloss>CategoricalCE``) and with
 ``keras.losses.CategoricalCrossentropy()``, and writes :data:`COMPARE_FILES`:
 ``compare.json`` (the summary), ``compare.png`` (:func:`compare_figure`) and
-``report.md`` (:func:`report_md`).
+``report.md`` (:func:`report_md`). The default loss is expected to agree with the
+built-in within :data:`DEFAULT_TOLERANCE`, so it gets a verdict; another loss gets
+one only when a tolerance is given.
 """
 
 from __future__ import annotations
@@ -41,10 +43,23 @@ from keras_ce_plugin.training.loop import train
 
 COMPARE_FILES = ("compare.json", "compare.png", "report.md")
 CUSTOM, BUILTIN = "custom", "builtin"
+DEFAULT_TOLERANCE = 1e-5
+BUILTIN_LABEL = "keras.losses.CategoricalCrossentropy()"
+
+
+def default_tolerance(loss: Any) -> float | None:
+    """The tolerance of a verdict when none is given: :data:`DEFAULT_TOLERANCE` for the
+    default loss (the built-in's counterpart), else ``None`` (no verdict).
+
+    >>> default_tolerance("customloss>CategoricalCE"), default_tolerance("my>Focal")
+    (1e-05, None)
+    """
+    return DEFAULT_TOLERANCE if loss == DEFAULT_LOSS else None
 
 
 def builtin_loss() -> keras.losses.Loss:
-    """Keras' built-in counterpart of ``customloss>CategoricalCE``."""
+    """Keras' built-in counterpart of ``customloss>CategoricalCE``, the reference of
+    every comparison."""
     return keras.losses.CategoricalCrossentropy()
 
 
@@ -100,8 +115,9 @@ def report_md(summary: dict[str, Any]) -> str:
     """``report.md``: what was measured, the per-epoch table and the verdict."""
     c, b = summary["history"][CUSTOM], summary["history"][BUILTIN]
     diffs = summary["abs_diff"]
+    custom_label = summary["losses"][CUSTOM]
     lines = [
-        "# customloss>CategoricalCE vs keras.losses.CategoricalCrossentropy()",
+        f"# {custom_label} vs {BUILTIN_LABEL}",
         "",
         "## What was measured",
         "",
@@ -109,8 +125,8 @@ def report_md(summary: dict[str, Any]) -> str:
         f"weights) on {summary['num_train']} CIFAR-10 training images for "
         f"{summary['epochs']} epochs (batch size {summary['batch_size']}, Adam, "
         f"learning rate {summary['learning_rate']}, seed {summary['seed']}), identical except "
-        "for the loss: `customloss>CategoricalCE` (this plugin) and "
-        "`keras.losses.CategoricalCrossentropy()` (Keras' built-in). Both started from the "
+        f"for the loss: `{custom_label}` (custom) and `{BUILTIN_LABEL}` (Keras' built-in). "
+        "Both started from the "
         "same initial weights (SHA-256 of all weights: "
         f"`{summary['initial_weights_sha256'][CUSTOM][:16]}...` and "
         f"`{summary['initial_weights_sha256'][BUILTIN][:16]}...`), used the same data order "
@@ -144,24 +160,31 @@ def report_md(summary: dict[str, Any]) -> str:
         "",
         "## Test accuracy",
         "",
-        f"- custom (`customloss>CategoricalCE`): {accuracy[CUSTOM]:.4f} "
-        f"(test loss {loss[CUSTOM]:.6f})",
-        f"- built-in (`keras.losses.CategoricalCrossentropy()`): "
-        f"{accuracy[BUILTIN]:.4f} (test loss {loss[BUILTIN]:.6f})",
+        f"| | custom (`{custom_label}`) | built-in (`{BUILTIN_LABEL}`) | abs diff |",
+        "|---|---:|---:|---:|",
+        f"| test accuracy | {accuracy[CUSTOM]:.4f} | {accuracy[BUILTIN]:.4f} | "
+        f"{abs(accuracy[CUSTOM] - accuracy[BUILTIN]):.2e} |",
+        f"| test loss | {loss[CUSTOM]:.6f} | {loss[BUILTIN]:.6f} | "
+        f"{abs(loss[CUSTOM] - loss[BUILTIN]):.2e} |",
         "",
-        "## Verdict",
+        "## Verdict" if tol is not None else "## Differences",
         "",
         f"Largest absolute difference over all epochs and all four curves: {worst:.3e} "
         f"(loss curves: {summary['max_abs_diff_loss']:.3e}; accuracy curves: "
-        f"{summary['max_abs_diff_accuracy']:.3e}); tolerance {tol:g}.",
-        "",
-        (
-            f"**AGREE**: the curves agree within {tol:g}."
-            if summary["agree"]
-            else f"**DIFFER**: the curves differ by more than {tol:g}."
-        ),
+        f"{summary['max_abs_diff_accuracy']:.3e})"
+        + (f"; tolerance {tol:g}." if tol is not None else "."),
         "",
     ]
+    if tol is None:
+        lines.append(
+            "No verdict: the two losses are not expected to agree. Give a tolerance "
+            "(`keras-ce compare --tolerance T`) to get one."
+        )
+    elif summary["agree"]:
+        lines.append(f"**AGREE**: the curves agree within {tol:g}.")
+    else:
+        lines.append(f"**DIFFER**: the curves differ by more than {tol:g}.")
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -170,18 +193,29 @@ def run_compare(
     config: TrainConfig,
     *,
     data: DataSpec,
-    tolerance: float = 1e-5,
+    tolerance: float | None = None,
     arguments: dict[str, Any] | None = None,
     overwrite: bool = False,
+    label: str | None = None,
 ) -> dict[str, Any]:
-    """Trains ``config`` with each loss, writes :data:`COMPARE_FILES` into ``out`` (under
-    its run lock) and returns the summary (``summary["agree"]``: every per-epoch
-    difference is within ``tolerance``). ``config.loss`` is ignored."""
+    """Trains ``config`` with ``config.loss`` (the custom loss: a name ``compile``
+    accepts or a loss object) and with Keras' built-in, writes :data:`COMPARE_FILES`
+    into ``out`` (under its run lock) and returns the summary.
+
+    ``summary["agree"]``: every per-epoch difference is within ``tolerance``
+    (``None``: :func:`default_tolerance`, i.e. no verdict and ``agree`` ``None`` for a
+    loss other than the default). ``label`` names the custom loss in the report
+    (default: :func:`~keras_ce_plugin.training.loss_label`).
+    """
     start = time.perf_counter()
-    if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance >= 0):
+    if tolerance is None:
+        tolerance = default_tolerance(config.loss)
+    if tolerance is not None and not (
+        isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance >= 0
+    ):
         raise KerasCEError(f"--tolerance must be a number >= 0. Received: {tolerance!r}")
-    config = dataclasses.replace(config, loss=DEFAULT_LOSS)
     config.validate()
+    label = label or loss_label(config.loss)
     out = Path(out)
     prepare_out_dir(out, overwrite=overwrite, expected=COMPARE_FILES)
     with kio.run_lock(out):
@@ -189,12 +223,15 @@ def run_compare(
         images = data.load()
         runs: dict[str, TrainResult] = {}
         features = None
-        for name, loss in ((CUSTOM, DEFAULT_LOSS), (BUILTIN, builtin_loss())):
+        for name, loss, shown in (
+            (CUSTOM, config.loss, label),
+            (BUILTIN, builtin_loss(), BUILTIN_LABEL),
+        ):
             if config.verbose:
-                print(f"[compare] training with {loss_label(loss)}", file=sys.stderr, flush=True)
+                print(f"[compare] training with {shown}", file=sys.stderr, flush=True)
             runs[name] = train(dataclasses.replace(config, loss=loss), images, features=features)
             features = runs[name].features
-        summary = _summary(runs, config, tolerance, arguments or {})
+        summary = _summary(runs, config, tolerance, arguments or {}, label)
         histories = {name: result.history for name, result in runs.items()}
         kio.write_bytes(
             out / "compare.png", figure_png(compare_figure(histories, summary["abs_diff"]))
@@ -206,7 +243,11 @@ def run_compare(
 
 
 def _summary(
-    runs: dict[str, TrainResult], config: TrainConfig, tolerance: float, arguments: dict
+    runs: dict[str, TrainResult],
+    config: TrainConfig,
+    tolerance: float | None,
+    arguments: dict,
+    label: str,
 ) -> dict[str, Any]:
     c, b = runs[CUSTOM], runs[BUILTIN]
     if c.initial_weights_sha256 != b.initial_weights_sha256:  # pragma: no cover
@@ -217,7 +258,7 @@ def _summary(
     return {
         "measured": "per-epoch loss, accuracy, val_loss and val_accuracy of two runs that "
         "differ only in the loss; abs_diff = |custom - builtin|; " + VALIDATION_NOTE,
-        "losses": {CUSTOM: DEFAULT_LOSS, BUILTIN: loss_label(builtin_loss())},
+        "losses": {CUSTOM: label, BUILTIN: BUILTIN_LABEL},
         "weights": "none (random)" if config.weights is None else str(config.weights),
         "num_train": c.num_train,
         "num_test": c.num_test,
@@ -239,7 +280,7 @@ def _summary(
         "max_abs_diff_accuracy": max(max_diff["accuracy"], max_diff["val_accuracy"]),
         "max_abs_diff_overall": worst,
         "tolerance": tolerance,
-        "agree": worst <= tolerance,
+        "agree": None if tolerance is None else worst <= tolerance,
         "versions": versions(),
         "arguments": arguments,
     }

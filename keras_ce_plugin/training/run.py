@@ -5,13 +5,15 @@ holds its lock (:func:`keras_ce_plugin.files.run_lock`) while it trains (resumin
 from a :class:`~keras_ce_plugin.training.Checkpoint` if given) and writes
 :data:`~keras_ce_plugin.training.RUN_FILES`. With ``config.checkpoint_every`` it
 keeps ``out/checkpoint.npz`` (written atomically every N epochs, removed when the
-run has finished). Everything here takes plain values: a
-:class:`~keras_ce_plugin.training.TrainConfig`, a path, a
+run has finished); a new run into a directory holding such a checkpoint is
+refused with a hint to ``--resume`` (:func:`refuse_interrupted`). Everything here
+takes plain values: a :class:`~keras_ce_plugin.training.TrainConfig`, a path, a
 :class:`~keras_ce_plugin.training.DataSpec` and the dict of arguments to record.
 """
 
 from __future__ import annotations
 
+import datetime
 import shutil
 import sys
 import tempfile
@@ -27,7 +29,12 @@ from keras_ce_plugin.training.artifacts import (
     remove_temporaries,
     write_run,
 )
-from keras_ce_plugin.training.checkpoint import CHECKPOINT_FILE, Checkpoint, load_checkpoint
+from keras_ce_plugin.training.checkpoint import (
+    CHECKPOINT_FILE,
+    Checkpoint,
+    load_checkpoint,
+    read_meta,
+)
 from keras_ce_plugin.training.config import DataSpec, TrainConfig, TrainResult, loss_label
 from keras_ce_plugin.training.loop import train
 
@@ -55,6 +62,22 @@ def distribution(
     return made
 
 
+def distribution_info(strategy: Any = None) -> dict[str, Any]:
+    """What a run trained on, for ``metrics.json``: the strategy's class, its number of
+    replicas and the Keras dtype policy.
+
+    >>> distribution_info()["replicas"]
+    1
+    """
+    import keras
+
+    return {
+        "strategy": type(strategy).__name__ if strategy is not None else None,
+        "replicas": int(strategy.num_replicas_in_sync) if strategy is not None else 1,
+        "dtype_policy": keras.config.dtype_policy().name,
+    }
+
+
 def writes_out(strategy: str = "none") -> bool:
     """Whether this process writes the run directory: always, except a non-chief worker
     of the ``multiworker`` strategy.
@@ -75,6 +98,29 @@ def resume_checkpoint(out: str | Path) -> Checkpoint:
     if not out.is_dir():
         raise KerasCEError(f"--resume: --out {out} is not a directory of a run to resume.")
     return load_checkpoint(out / CHECKPOINT_FILE)
+
+
+def refuse_interrupted(out: str | Path) -> None:
+    """Raises :class:`KerasCEError` offering ``--resume`` when ``out`` holds the
+    checkpoint of an interrupted run (epochs done, when it was written); a run still
+    writing ``out`` is named instead (its lock)."""
+    out = Path(out)
+    path = out / CHECKPOINT_FILE
+    if not path.is_file():
+        return
+    with kio.run_lock(out):  # a run in progress: "Another keras-ce run ... is writing"
+        pass
+    meta = read_meta(path)
+    when = datetime.datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y-%m-%d %H:%M:%S")
+    if meta is None:
+        done = "an unreadable checkpoint"
+    else:
+        total = meta.get("arguments", {}).get("epochs")
+        done = f"a checkpoint after epoch {meta['epoch']}" + (f" of {total}" if total else "")
+    raise KerasCEError(
+        f"--out {out} holds {done} of an interrupted run (written {when}). Continue it "
+        f"with `keras-ce train --resume {out}`, or pass --overwrite to start a new run there."
+    )
 
 
 def _train_into(
@@ -115,6 +161,8 @@ def train_run(
     out = Path(out)
     config.validate()
     if resume is None:
+        if not overwrite:
+            refuse_interrupted(out)
         prepare_out_dir(out, overwrite=overwrite, expected=RUN_FILES)
     with kio.run_lock(out):
         remove_temporaries(out, (*RUN_FILES, CHECKPOINT_FILE))
@@ -133,7 +181,10 @@ def train_run(
             arguments=arguments,
             wall_time_s=time.perf_counter() - start,
             loss_label=loss_label(config.loss),
-            extra={"resumed_after_epoch": resume.epoch if resume else None},
+            extra={
+                "resumed_after_epoch": resume.epoch if resume else None,
+                "distribution": distribution_info(strategy),
+            },
         )
         (out / CHECKPOINT_FILE).unlink(missing_ok=True)
     return result, metrics
