@@ -46,3 +46,19 @@ def test_console_script_and_extras_declared():
     assert 'keras-ce = "keras_ce_plugin.cli:main"' in pyproject
     for extra in ("export", "dev", "jax", "torch"):
         assert re.search(rf"^{extra} = ", pyproject, re.M), extra
+
+
+def test_every_test_named_in_the_claims_table_exists():
+    """README's "Claims and their tests": each named test is defined in its file."""
+    text = (REPO / "README.md").read_text()
+    table = text.split("### Claims and their tests", 1)[1]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "::" in line]
+    assert len(rows) >= 40, len(rows)
+    for row in rows:
+        cell = row.rstrip(" |").rsplit("|", 1)[1]
+        path = None
+        for ref in re.findall(r"`([^`]+)`", cell):
+            file, _, name = ref.rpartition("::")
+            path = REPO / file if file else path
+            assert path is not None and path.is_file(), (row, ref)
+            assert re.search(rf"^def {re.escape(name)}\(", path.read_text(), re.M), (row, ref)
