@@ -1,0 +1,405 @@
+"""keras_ce_plugin.testing.check_loss: no false positives, and each check catches its bug.
+
+The plugin's losses and a correct user loss with extra arguments pass every
+check; each deliberately broken loss below fails exactly the checks its bug
+implies. The fresh-process checks (``keras_file``, ``backends``) run once for
+all losses together (one process per backend); the broken-loss table runs the
+in-process checks only, plus dedicated losses for the two fresh-process checks.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+import keras_ce_plugin
+from keras_ce_plugin.testing import CHECKS, LossContractError, check_loss, check_losses
+
+PKG = "check_loss_tests"
+EPS = 1e-7
+IN_PROCESS = [c for c in CHECKS if c not in ("keras_file", "backends")]
+
+
+# --------------------------------------------------------------------------- #
+# A correct user loss with extra arguments, and its float64 NumPy reference
+# --------------------------------------------------------------------------- #
+@keras.saving.register_keras_serializable(package=PKG, name="FocalCE")
+class FocalCE(keras.losses.Loss):
+    """Focal cross-entropy ``-sum_c w_c y_c (1 - p_c)^gamma log p_c`` per sample."""
+
+    def __init__(
+        self,
+        gamma=2.0,
+        class_weights=None,
+        from_logits=False,
+        reduction="sum_over_batch_size",
+        name="focal_ce",
+        dtype=None,
+    ):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self.gamma = float(gamma)
+        self.class_weights = None if class_weights is None else [float(w) for w in class_weights]
+        self.from_logits = from_logits
+        self._dtype_arg = dtype
+
+    def call(self, y_true, y_pred):
+        y_true = ops.cast(y_true, y_pred.dtype)
+        if self.from_logits:
+            log_p = ops.log_softmax(y_pred, axis=-1)
+        else:
+            log_p = ops.log(ops.clip(y_pred, EPS, 1.0 - EPS))
+        terms = y_true * (1.0 - ops.exp(log_p)) ** self.gamma * log_p
+        if self.class_weights is not None:
+            terms = terms * ops.convert_to_tensor(self.class_weights, dtype=terms.dtype)
+        return -ops.sum(terms, axis=-1)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "gamma": self.gamma,
+            "class_weights": self.class_weights,
+            "from_logits": self.from_logits,
+            "dtype": self._dtype_arg,
+        }
+
+
+def focal_reference(gamma=2.0, class_weights=None, from_logits=False):
+    def ref(y_true, y_pred):
+        y, z = np.asarray(y_true, "float64"), np.asarray(y_pred, "float64")
+        if from_logits:
+            z = z - z.max(axis=-1, keepdims=True)
+            log_p = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+        else:
+            log_p = np.log(np.clip(z, EPS, 1.0 - EPS))
+        w = np.ones(z.shape[-1]) if class_weights is None else np.asarray(class_weights)
+        return -(w * y * (1.0 - np.exp(log_p)) ** gamma * log_p).sum(axis=-1)
+
+    return ref
+
+
+@keras.saving.register_keras_serializable(package=PKG, name="mean_abs_error")
+def mean_abs_error(y_true, y_pred):
+    """A registered loss function for an `example` batch (regression)."""
+    return ops.mean(ops.abs(ops.cast(y_true, y_pred.dtype) - y_pred), axis=-1)
+
+
+# --------------------------------------------------------------------------- #
+# Broken losses: each differs from FocalCE by one bug
+# --------------------------------------------------------------------------- #
+class Unregistered(FocalCE):
+    """Not decorated with register_keras_serializable."""
+
+
+@keras.saving.register_keras_serializable(package=PKG, name="NoDtypeInConfig")
+class NoDtypeInConfig(FocalCE):
+    def get_config(self):
+        config = super().get_config()
+        del config["dtype"]
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PKG, name="WrongConfig")
+class WrongConfig(FocalCE):
+    def get_config(self):
+        return {**super().get_config(), "gamma": self.gamma + 1.0}
+
+
+@keras.saving.register_keras_serializable(package=PKG, name="SetConfig")
+class SetConfig(FocalCE):
+    def __init__(self, tags=("focal",), **kwargs):
+        super().__init__(**kwargs)
+        self.tags = set(tags)
+
+    def get_config(self):
+        return {**super().get_config(), "tags": self.tags}
+
+
+@keras.saving.register_keras_serializable(package=PKG, name="IgnoresWeights")
+class IgnoresWeights(FocalCE):
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        return super().__call__(y_true, y_pred)
+
+
+@keras.saving.register_keras_serializable(package=PKG, name="SwallowsReduction")
+class SwallowsReduction(FocalCE):
+    def __init__(self, reduction="sum_over_batch_size", **kwargs):
+        super().__init__(**kwargs)  # `reduction` never reaches Loss.__init__
+        self._reduction_arg = reduction
+
+    def get_config(self):
+        return {**super().get_config(), "reduction": self._reduction_arg}
+
+
+@keras.saving.register_keras_serializable(package=PKG, name="MeanInCall")
+class MeanInCall(FocalCE):
+    def call(self, y_true, y_pred):
+        return ops.mean(super().call(y_true, y_pred))
+
+
+@keras.saving.register_keras_serializable(package=PKG, name="NoClip")
+class NoClip(FocalCE):
+    def call(self, y_true, y_pred):
+        return -ops.sum(ops.cast(y_true, y_pred.dtype) * ops.log(y_pred), axis=-1)
+
+
+@keras.saving.register_keras_serializable(package=PKG, name="StopsGradient")
+class StopsGradient(FocalCE):
+    def call(self, y_true, y_pred):
+        return super().call(y_true, ops.stop_gradient(y_pred))
+
+
+@keras.saving.register_keras_serializable(package=PKG, name="StaticBatch")
+class StaticBatch(FocalCE):
+    def call(self, y_true, y_pred):
+        return ops.reshape(super().call(y_true, y_pred), (int(y_pred.shape[0]),))
+
+
+class _Given(keras.losses.Loss):
+    def call(self, y_true, y_pred):
+        return y_pred
+
+
+@keras.saving.register_keras_serializable(package=PKG, name="HalfPrecision")
+class HalfPrecision(FocalCE):
+    """Skips Loss.__call__'s cast: under mixed_float16 it computes in float16."""
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        values = self.call(ops.convert_to_tensor(y_true), ops.convert_to_tensor(y_pred))
+        reduce = _Given(reduction=self.reduction, dtype=values.dtype, name="given")
+        return reduce(values, values, sample_weight=sample_weight)
+
+
+@keras.saving.register_keras_serializable(package=PKG, name="BinaryBroadcast")
+class BinaryBroadcast(FocalCE):
+    """Binary CE that combines (B,) labels with (B, 1) predictions by broadcasting."""
+
+    def call(self, y_true, y_pred):
+        p = ops.clip(y_pred, EPS, 1.0 - EPS)
+        y = ops.cast(y_true, p.dtype)
+        return -ops.mean(y * ops.log(p) + (1.0 - y) * ops.log(1.0 - p), axis=-1)
+
+
+@keras.saving.register_keras_serializable(package=PKG, name="NeedsArgument")
+class NeedsArgument(FocalCE):
+    def __init__(self, temperature, **kwargs):
+        super().__init__(**kwargs)
+        self.temperature = temperature
+
+    def get_config(self):
+        return {**super().get_config(), "temperature": self.temperature}
+
+
+@keras.saving.register_keras_serializable(package=PKG, name="TfOps")
+class TfOps(FocalCE):
+    """Written with tf.* ops: fine on TensorFlow, nowhere else."""
+
+    def call(self, y_true, y_pred):
+        import tensorflow as tf
+
+        p = tf.clip_by_value(y_pred, EPS, 1.0 - EPS)
+        return -tf.reduce_sum(tf.cast(y_true, p.dtype) * tf.math.log(p), axis=-1)
+
+
+def _local_class():
+    @keras.saving.register_keras_serializable(package=PKG, name="LocalLoss")
+    class LocalLoss(FocalCE):
+        """Registered only when this function runs: a fresh process cannot find it."""
+
+    return LocalLoss()
+
+
+# (loss, check_loss kwargs, failed checks among the in-process ones)
+BROKEN = {
+    "registered": (Unregistered(), {}, {"registered", "compile_by_name", "as_metric"}),
+    "config_complete": (NoDtypeInConfig(), {}, {"config_complete"}),
+    "config_roundtrip": (WrongConfig(), {}, {"config_roundtrip"}),
+    "config_json": (SetConfig(), {}, {"config_json"}),
+    "compile_by_name": (NeedsArgument(1.0), {}, {"compile_by_name", "as_metric"}),
+    "sample_weight": (IgnoresWeights(), {}, {"sample_weight"}),
+    "reduction": (SwallowsReduction(), {}, {"reduction"}),
+    "mean_in_call": (MeanInCall(), {}, {"reduction", "sample_weight"}),
+    "shapes": (BinaryBroadcast(), {"targets": "binary"}, {"shapes"}),
+    "finite": (NoClip(), {}, {"finite"}),
+    "gradient": (StopsGradient(), {}, {"gradient"}),
+    "graph": (StaticBatch(), {}, {"graph"}),
+    "mixed_precision": (HalfPrecision(), {}, {"mixed_precision"}),
+    "reference": (FocalCE(), {"reference": focal_reference(gamma=1.0)}, {"reference"}),
+}
+
+
+@pytest.mark.parametrize("bug", sorted(BROKEN))
+def test_each_check_catches_its_bug(bug):
+    loss, kwargs, expected = BROKEN[bug]
+    report = check_loss(loss, checks=IN_PROCESS, raise_on_failure=False, **kwargs)
+    assert set(report.failed) == expected, str(report)
+    for check in expected:  # A failure says why and how to fix it.
+        assert report.details[check]
+        assert report.results[check].fix
+
+
+def test_static_batch_is_an_xla_warning_not_a_failure():
+    report = check_loss(StaticBatch(), checks=["xla"], raise_on_failure=False)
+    assert report.warnings == ["xla"] and report.ok, str(report)
+
+
+# --------------------------------------------------------------------------- #
+# Every check, fresh processes included, for many losses at once
+# --------------------------------------------------------------------------- #
+GOOD = {
+    "CategoricalCE": (keras_ce_plugin.CategoricalCE(), {}),
+    "CategoricalCE-logits": (keras_ce_plugin.CategoricalCE(from_logits=True), {}),
+    "SparseCategoricalCE": (keras_ce_plugin.SparseCategoricalCE(), {"targets": "sparse"}),
+    "SparseCategoricalCE-logits": (
+        keras_ce_plugin.SparseCategoricalCE(from_logits=True),
+        {"targets": "sparse"},
+    ),
+    "BinaryCE": (keras_ce_plugin.BinaryCE(), {"targets": "binary"}),
+    "BinaryCE-logits": (keras_ce_plugin.BinaryCE(from_logits=True), {"targets": "binary"}),
+    "FocalCE": (
+        FocalCE(gamma=2.0, class_weights=[1.0, 2.0, 1.0, 0.5]),
+        {"reference": focal_reference(2.0, [1.0, 2.0, 1.0, 0.5])},
+    ),
+    "FocalCE-logits": (
+        FocalCE(gamma=1.0, from_logits=True),
+        {"reference": focal_reference(1.0, from_logits=True)},
+    ),
+    "mean_abs_error": (
+        mean_abs_error,
+        {
+            "example": (
+                np.random.default_rng(0).normal(size=(5, 3)),
+                np.random.default_rng(1).normal(size=(5, 3)),
+            )
+        },
+    ),
+}
+# Losses whose bug only a fresh process shows: expected failed checks (all of them).
+# (Built in the fixture: a module-level LocalLoss would exist in the fresh process too.)
+FRESH = {
+    "TfOps": (TfOps, {}, {"backends"}),
+    "LocalLoss": (_local_class, {}, {"keras_file", "backends"}),
+    "keras.losses.CategoricalCrossentropy": (
+        keras.losses.CategoricalCrossentropy,
+        {},
+        {"config_complete"},
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def full_reports():
+    items = [GOOD[k] for k in GOOD] + [(make(), kw) for make, kw, _ in FRESH.values()]
+    reports = check_losses(items)
+    return dict(zip([*GOOD, *FRESH], reports))
+
+
+@pytest.mark.parametrize("name", list(GOOD))
+def test_correct_losses_pass_every_check(full_reports, name):
+    report = full_reports[name]
+    assert report.ok and not report.warnings, str(report)
+    assert list(report.results) == list(CHECKS)
+    kwargs = GOOD[name][1]
+    expected_skips = set() if "reference" in kwargs else {"reference"}
+    if "example" in kwargs:
+        expected_skips |= {"shapes", "config_complete", "config_roundtrip"}
+    assert set(report.skipped) == expected_skips, str(report)
+    assert "jax" in report.details["backends"], str(report)
+    json.dumps(report.to_dict())
+
+
+@pytest.mark.parametrize("name", list(FRESH))
+def test_fresh_process_checks_catch_their_bugs(full_reports, name):
+    report = full_reports[name]
+    assert set(report.failed) == FRESH[name][2], str(report)
+
+
+def test_builtin_reports_are_informative(full_reports):
+    report = full_reports["keras.losses.CategoricalCrossentropy"]
+    assert report.results["registered"].result == "skipped"
+    assert "dtype" in report.details["config_complete"]
+    assert "all-zero prediction row: value and gradient not finite" in report.details["finite"]
+
+
+# --------------------------------------------------------------------------- #
+# API behaviour
+# --------------------------------------------------------------------------- #
+def test_raises_listing_every_failure_with_its_fix():
+    with pytest.raises(LossContractError) as info:
+        check_loss(MeanInCall(), checks=["reduction", "sample_weight", "registered"])
+    message = str(info.value)
+    assert isinstance(info.value, AssertionError)
+    assert "MeanInCall() fails 2 loss check(s)" in message
+    assert "- reduction: call() returns shape ()" in message
+    assert "- sample_weight:" in message and "Fix: return one value per sample" in message
+
+
+def test_expected_failed_checks_become_skipped():
+    report = check_loss(
+        MeanInCall(),
+        checks=["reduction", "sample_weight", "finite"],
+        expected_failed_checks={"sample_weight": "a batch-level loss", "finite": "no reason"},
+        raise_on_failure=False,
+    )
+    assert report.failed == ["reduction"]
+    assert report.details["sample_weight"] == "expected to fail: a batch-level loss"
+    assert "it passes now" in report.details["finite"]
+    assert report.skipped == ["sample_weight", "finite"]
+
+
+def test_table_lists_every_check():
+    report = check_loss(FocalCE(gamma=3.0), checks=["registered", "reference"])
+    text = str(report)
+    assert text.splitlines()[0] == "check_loss(FocalCE(gamma=3.0))"
+    assert "registered  passed   registered as 'check_loss_tests>FocalCE'" in text
+    assert "reference   skipped  no `reference=` function given" in text
+    assert text.splitlines()[-1] == "OK: 1 passed, 1 skipped"
+
+
+def test_a_class_is_built_with_its_defaults():
+    report = check_loss(FocalCE, checks=["config_complete"])
+    assert report.loss == "FocalCE()"
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"checks": ["nope"]}, "Unknown loss check 'nope'"),
+        ({"expected_failed_checks": {"nope": "x"}}, "Unknown loss check 'nope'"),
+        ({"targets": "regression"}, "`targets` must be one of"),
+        ({"example": (np.zeros(3), np.zeros((2, 3)))}, "same batch size"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        check_loss(FocalCE(), **kwargs)
+
+
+def test_bad_loss():
+    with pytest.raises(TypeError, match="`loss` must be a keras.losses.Loss"):
+        check_loss("categorical_crossentropy")
+
+
+def test_import_does_not_import_pytest_or_tensorflow_on_jax():
+    code = (
+        "import sys\n"
+        "import keras_ce_plugin.testing as t\n"
+        "assert 'pytest' not in sys.modules and 'tensorflow' not in sys.modules\n"
+        "from keras_ce_plugin import CategoricalCE\n"
+        "r = t.check_loss(CategoricalCE(), checks=['graph', 'xla', 'gradient'])\n"
+        "assert r.results['graph'].result == 'passed' and 'jax.jit' in r.details['graph'], r\n"
+        "assert r.results['xla'].result == 'skipped', r\n"
+        "assert 'pytest' not in sys.modules and 'tensorflow' not in sys.modules\n"
+    )
+    import os
+    import subprocess
+
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -1,0 +1,98 @@
+"""examples/your_own_loss: the tutorial's loss fails what the issue says; the fix passes all.
+
+Also shows ``parametrize_loss_checks`` as a user's test suite would use it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+import keras_ce_plugin  # noqa: F401 - enables "package>Name" strings in compile()
+from keras_ce_plugin.testing import (
+    CHECKS,
+    LossContractError,
+    check_losses,
+    parametrize_loss_checks,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "your_own_loss"))
+
+from fixed_loss import CategoricalCrossEntropy  # noqa: E402
+from tutorial_loss import Custom_CE_Loss  # noqa: E402
+
+# keras-team/keras#20112 (by name), #20395/#19740 (reload), #19662 (sample weights /
+# reduction), #20060 (inf at probability 0), #17371/#20014 (tf.* ops on other backends).
+TUTORIAL_FAILS = {
+    "registered",
+    "config_roundtrip",
+    "keras_file",
+    "compile_by_name",
+    "as_metric",
+    "sample_weight",
+    "reduction",
+    "finite",
+    "backends",
+}
+
+
+@pytest.fixture(scope="module")
+def reports():
+    tutorial, fixed, fixed_logits = check_losses(
+        [Custom_CE_Loss, CategoricalCrossEntropy(), CategoricalCrossEntropy(from_logits=True)]
+    )
+    return {"tutorial": tutorial, "fixed": fixed, "fixed_logits": fixed_logits}
+
+
+def test_tutorial_loss_fails_exactly_the_expected_checks(reports):
+    report = reports["tutorial"]
+    assert set(report.failed) == TUTORIAL_FAILS, str(report)
+    assert report.skipped == ["reference"]
+    assert "returns shape () for a batch of 6" in report.details["reduction"]
+    assert "not finite at probabilities 0 and 1" in report.details["finite"]
+    assert report.details["backends"].startswith("on jax:")
+    with pytest.raises(LossContractError, match="Custom_CE_Loss\\(\\) fails 9 loss check"):
+        raise report.error()
+
+
+@pytest.mark.parametrize("which", ["fixed", "fixed_logits"])
+def test_fixed_loss_passes_every_check(reports, which):
+    report = reports[which]
+    assert report.ok and not report.warnings, str(report)
+    assert report.passed == [c for c in CHECKS if c != "reference"], str(report)
+
+
+# What a user writes: one pytest case per (loss, check). (`checks=` keeps this demo
+# short; the fixture above already ran every check on this loss.)
+@parametrize_loss_checks(
+    [CategoricalCrossEntropy(from_logits=True)],
+    checks=["registered", "config_roundtrip", "sample_weight", "finite", "reference"],
+)
+def test_user_suite(loss, check):
+    check(loss)
+
+
+def test_parametrize_ids_and_failing_reason():
+    mark = parametrize_loss_checks([CategoricalCrossEntropy(from_logits=True), Custom_CE_Loss()])
+    ids = [p.id for p in mark.args[1]]
+    assert len(ids) == 2 * len(CHECKS)
+    assert "CategoricalCrossEntropy(from_logits=True)-finite" in ids
+    assert "Custom_CE_Loss()-reduction" in ids
+    loss, check = next(p.values for p in mark.args[1] if p.id == "Custom_CE_Loss()-reduction")
+    with pytest.raises(LossContractError, match="reduction: call\\(\\) returns shape \\(\\)"):
+        check(loss)
+    loss, check = next(p.values for p in mark.args[1] if p.id == "Custom_CE_Loss()-reference")
+    with pytest.raises(pytest.skip.Exception, match="no `reference=` function given"):
+        check(loss)
+
+
+def test_parametrize_expected_failed_checks_callable():
+    mark = parametrize_loss_checks(
+        [Custom_CE_Loss()],
+        expected_failed_checks=lambda loss: {"reduction": "reduces over the batch"},
+    )
+    loss, check = next(p.values for p in mark.args[1] if p.id.endswith("-reduction"))
+    with pytest.raises(pytest.skip.Exception, match="expected to fail: reduces over the batch"):
+        check(loss)
