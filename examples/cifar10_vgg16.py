@@ -8,7 +8,9 @@ loss is ``"customloss>CategoricalCE"`` (a string, so the saved model reloads wit
 ``custom_objects``) and ``train`` fits the same model with the VGG16 features computed
 once (the same history as the tutorial's ``model.fit``, in less time).
 
-Offline, with the CIFAR-10 sample beside the repository and random VGG16 weights::
+Offline, with the CIFAR-10 sample beside the repository and random VGG16 weights
+(He-initialised, with a fixed standardisation of the base's features before the head
+and Adam's learning rate at 1e-4, so that the head learns something)::
 
     python examples/cifar10_vgg16.py --data-dir ../shared/data/cifar10-sample/cifar-10-batches-py \\
         --weights none
@@ -49,7 +51,9 @@ def main() -> None:
 
     # 2. Model and training: the tutorial's VGG16 + head, compiled with
     #    optimizer=Adam(1e-3), loss="customloss>CategoricalCE", metrics=["accuracy"],
-    #    fit(epochs, batch_size=32, validation_data=(x_test, y_test)).
+    #    fit(epochs, batch_size=32, validation_data=(x_test, y_test)). With random
+    #    weights, a standardisation layer sits between base and head, and Adam's
+    #    learning rate defaults to 1e-4 (TrainConfig.learning_rate=None).
     config = TrainConfig(
         weights=args.weights,  # "none" (any case) means random weights
         loss="customloss>CategoricalCE",
@@ -57,6 +61,7 @@ def main() -> None:
         batch_size=32,
     )
     result = train(config, ((x_train, y_train), (x_test, y_test)))
+    print(f"base: {result.base['weights']}; {result.base['expectation']}")
     for epoch, (loss, acc) in enumerate(zip(result.history["loss"], result.history["accuracy"])):
         print(f"epoch {epoch + 1}: loss {loss:.4f}, accuracy {acc:.4f}")
     print(f"test loss {result.test_loss:.4f}, test accuracy {result.test_accuracy:.4f}")

@@ -6,6 +6,12 @@ Dropout(0.5), Dense(4096, relu), Dropout(0.5), Dense(num_classes, softmax)])`` o
 back the two parts (the same layer objects), which is what the feature cache in
 :mod:`keras_ce_plugin.training` trains separately.
 
+Without pretrained weights (``weights=None``) the base is He-initialised
+(:func:`he_initialize`), and training inserts a fixed per-feature standardisation
+between base and head (:func:`with_feature_standardization`): a random base's
+features have scales the tutorial's head cannot learn from. That layer is the one
+departure from the tutorial's architecture, and only for a random base.
+
 >>> head = build_head(3)
 >>> [type(layer).__name__ for layer in head]
 ['Flatten', 'Dense', 'Dropout', 'Dense', 'Dropout', 'Dense']
@@ -25,10 +31,21 @@ import numpy as np
 from keras_ce_plugin.data import _download_timeout, _with_socket_timeout
 from keras_ce_plugin.errors import KerasCEError
 
-__all__ = ["INPUT_SHAPE", "build_head", "build_vgg16_classifier", "split_base_and_head"]
+__all__ = [
+    "INPUT_SHAPE",
+    "STANDARDIZATION_NAME",
+    "build_head",
+    "build_vgg16_classifier",
+    "feature_standardization",
+    "he_initialize",
+    "split_base_and_head",
+    "standardization_layer",
+    "with_feature_standardization",
+]
 
 INPUT_SHAPE = (32, 32, 3)
 BASE_NAME = "vgg16"
+STANDARDIZATION_NAME = "feature_standardization"
 WEIGHT_SUFFIXES = (".weights.h5", ".h5")
 
 
@@ -105,21 +122,93 @@ def _base_from_file(path: Path) -> keras.Model:
     return base
 
 
+def is_random(weights: str | os.PathLike | None) -> bool:
+    """Whether ``weights`` asks for a random base (``None`` or ``"none"``).
+
+    >>> is_random(None), is_random("None"), is_random("imagenet")
+    (True, True, False)
+    """
+    return weights is None or (isinstance(weights, str) and weights.lower() == "none")
+
+
+def he_initialize(base: keras.Model, seed: int) -> None:
+    """Redraws every ``Conv2D`` kernel of ``base`` from N(0, 2 / fan_in) (He et al.,
+    fan_in = kernel height x width x input channels) with NumPy's
+    ``default_rng(seed)``, layer by layer in order, and sets every bias to zero.
+
+    Keras' default Glorot-uniform kernels shrink the signal through VGG16's 13 ReLU
+    convolutions; He's variance keeps it at a usable scale.
+    """
+    rng = np.random.default_rng(seed)
+    for layer in base.layers:
+        if isinstance(layer, keras.layers.Conv2D):
+            kernel, bias = layer.get_weights()
+            fan_in = int(np.prod(kernel.shape[:3]))
+            std = np.sqrt(2.0 / fan_in)
+            layer.set_weights(
+                [rng.normal(0.0, std, kernel.shape).astype("float32"), np.zeros_like(bias)]
+            )
+
+
+def feature_standardization(features: np.ndarray) -> keras.layers.Normalization:
+    """A fixed ``Normalization`` layer (named ``"feature_standardization"``) that
+    standardises each feature (last axis) with the mean and variance of ``features``
+    (the base's outputs for the training images), computed in float64; a feature
+    with zero variance gets variance 1. It has no weights and is not trainable.
+
+    >>> layer = feature_standardization(np.array([[1.0, 5.0], [3.0, 5.0]]))
+    >>> layer.input_mean.tolist(), layer.input_variance.tolist()
+    ([2.0, 5.0], [1.0, 1.0])
+    """
+    features = np.asarray(features, dtype="float64")
+    if features.ndim < 2 or len(features) == 0:
+        raise ValueError(f"`features` must be a non-empty batch. Received shape {features.shape}")
+    flat = features.reshape(-1, features.shape[-1])
+    mean, var = flat.mean(axis=0), flat.var(axis=0)
+    var = np.where(var > 0, var, 1.0)
+    return keras.layers.Normalization(
+        axis=-1, mean=mean, variance=var, name=STANDARDIZATION_NAME, trainable=False
+    )
+
+
+def with_feature_standardization(model: keras.Model, features: np.ndarray) -> keras.Sequential:
+    """``model`` (from :func:`build_vgg16_classifier`) with :func:`feature_standardization`
+    of ``features`` between its base and its head: a new ``Sequential`` of the same
+    layer objects (same weights, same dropout seed generators)."""
+    base, head = split_base_and_head(model)
+    if head and head[0].name == STANDARDIZATION_NAME:
+        raise ValueError("`model` already has a feature standardisation layer.")
+    layer = feature_standardization(features)
+    return keras.Sequential(
+        [keras.Input(model.input_shape[1:]), base, layer, *head], name=model.name
+    )
+
+
+def standardization_layer(model: keras.Model) -> keras.layers.Normalization | None:
+    """The feature standardisation layer of ``model``, or ``None`` (the tutorial's model)."""
+    _, head = split_base_and_head(model)
+    return head[0] if head and head[0].name == STANDARDIZATION_NAME else None
+
+
 def build_vgg16_classifier(
     weights: str | os.PathLike | None = "imagenet",
     *,
     num_classes: int = 10,
     freeze_base: bool = True,
+    seed: int | None = None,
 ) -> keras.Sequential:
     """The tutorial's VGG16 + dense head classifier for 32x32 RGB images.
 
     Args:
         weights: ``"imagenet"`` (downloaded once through Keras' cache), ``None`` or
-            ``"none"`` (random initialisation, seeded by ``keras.utils.set_random_seed``),
-            or the path of a ``.h5``/``.weights.h5`` file with the weights of
+            ``"none"`` (a random base, He-initialised: :func:`he_initialize`), or the
+            path of a ``.h5``/``.weights.h5`` file with the weights of
             ``keras.applications.VGG16(include_top=False)``.
         num_classes: Units of the softmax output layer.
         freeze_base: Make the VGG16 base non-trainable (the tutorial does).
+        seed: The He initialisation's seed with ``weights=None``; ``None`` draws it
+            from NumPy's global generator (seeded by ``keras.utils.set_random_seed``).
+            The head is initialised by Keras' seeded generators either way.
 
     Returns:
         An uncompiled ``keras.Sequential``: the VGG16 base (named ``"vgg16"``) followed
@@ -136,8 +225,11 @@ def build_vgg16_classifier(
         )
     if not isinstance(freeze_base, bool):
         raise TypeError(f"`freeze_base` must be a bool. Received: freeze_base={freeze_base!r}")
-    if weights is None or (isinstance(weights, str) and weights.lower() == "none"):
+    if is_random(weights):
         base = _vgg16(None)
+        if seed is None:
+            seed = int(np.random.randint(0, 2**31 - 1))
+        he_initialize(base, seed)
     elif isinstance(weights, str) and weights.lower() == "imagenet":
         base = _imagenet_base()
     elif isinstance(weights, (str, os.PathLike)):
@@ -154,7 +246,8 @@ def build_vgg16_classifier(
 
 
 def split_base_and_head(model: keras.Model) -> tuple[keras.Model, list[keras.layers.Layer]]:
-    """``(base, head_layers)`` of a :func:`build_vgg16_classifier` model (same objects)."""
+    """``(base, head_layers)`` of a :func:`build_vgg16_classifier` model (same objects);
+    the head starts with the feature standardisation layer where the model has one."""
     layers = list(model.layers)
     if not layers or layers[0].name != BASE_NAME or not isinstance(layers[0], keras.Model):
         raise ValueError(

@@ -106,6 +106,16 @@ def test_run_writes_its_artifacts(run):
     assert {"keras", "tensorflow", "keras_ce_plugin"} <= set(metrics["versions"])
     assert 0 < metrics["wall_time_s"] and metrics["images_per_s"] > 0
     assert "test split" in metrics["validation"]
+    # The base, said plainly: a random He-initialised base, standardised, at lr 1e-4.
+    assert metrics["base"] == {
+        "weights": "random (He-initialised)",
+        "trainable": False,
+        "feature_standardization": True,
+        "learning_rate": 1e-4,
+    }
+    assert "random, frozen VGG16 base" in metrics["expectation"]
+    assert metrics["arguments"]["learning_rate"] is None  # the default, resolved above
+    assert "base: random (He-initialised), frozen; features standardised" in done.stderr
     # Progress: tqdm for the features, Keras' bar for the epochs, a summary line.
     assert "VGG16 features" in done.stderr
     assert f"Epoch {EPOCHS}/{EPOCHS}" in done.stdout
@@ -134,8 +144,11 @@ def test_model_reloads_in_a_fresh_process(run, cifar_dir):
         import keras_ce_plugin
         from keras_ce_plugin.data import load_cifar10
 
-        model = keras.models.load_model({str(out / "model.keras")!r})
+        model = keras.models.load_model({str(out / "model.keras")!r}, safe_mode=True)
         assert model.loss == "customloss>CategoricalCE", model.loss
+        norm = model.get_layer("feature_standardization")
+        assert isinstance(norm, keras.layers.Normalization) and not norm.trainable
+        assert len(norm.get_config()["mean"]) == 512 and not norm.weights
         assert isinstance(keras.losses.get(model.loss), keras_ce_plugin.CategoricalCE)
         assert type(model.optimizer) is keras.optimizers.Adam, model.optimizer
         _, (x, y) = load_cifar10({str(cifar_dir)!r}, limit_test={N_TEST})
@@ -151,6 +164,7 @@ def test_model_reloads_in_a_fresh_process(run, cifar_dir):
     assert got["iterations"] == EPOCHS * -(-N_TRAIN // 32)
     assert got["layers"] == [
         "vgg16",
+        "feature_standardization",
         "flatten",
         "fc1",
         "dropout1",
@@ -209,11 +223,21 @@ def test_compare_on_a_tiny_run(cifar_dir, tmp_path):
         worst = max(worst, *diffs)
     assert summary["max_abs_diff_overall"] == worst <= summary["tolerance"] == 1e-5
     assert summary["agree"] is True
+    # The base is named; the first epoch's difference stands beside the largest.
+    assert summary["base"]["weights"] == "random (He-initialised)"
+    assert summary["base"]["feature_standardization"] is True
+    assert summary["learning_rate"] == summary["base"]["learning_rate"] == 1e-4
+    first = max(v[0] for v in summary["abs_diff"].values())
+    assert summary["first_epoch_max_abs_diff"] == first
+    assert "first epoch" in proc.stdout
     sha = summary["initial_weights_sha256"]
     assert sha["custom"] == sha["builtin"]
     assert (out / "compare.png").read_bytes()[:8] == PNG_MAGIC
     report = (out / "report.md").read_text()
     assert "## What was measured" in report and "**AGREE**" in report
+    assert "base: random (He-initialised), frozen" in report
+    assert f"First epoch: {first:.3e}." in report
+    assert summary["drift_note"] in report and "like-for-like" in summary["drift_note"]
     rows = [line for line in report.splitlines() if line.startswith("| 1 |")]
     assert len(rows) == 1 and "| 2 |" in report and "| 3 |" not in report
     assert f"{summary['test_accuracy']['custom']:.4f}" in report
@@ -356,6 +380,25 @@ def test_train_needs_one_run_dir(argv, message, capsys):
         main(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags,lr",
+    [
+        (["--weights", "none"], 1e-4),
+        (["--weights", "imagenet"], 1e-3),
+        (["--weights", "vgg16.weights.h5"], 1e-3),
+        (["--weights", "none", "--learning-rate", "0.001"], 1e-3),  # given: always used
+        (["--weights", "imagenet", "--learning-rate", "0.01"], 1e-2),
+    ],
+)
+def test_learning_rate_default_follows_the_base(flags, lr):
+    from keras_ce_plugin.cli import build_parser
+    from keras_ce_plugin.cli.train import _config_from_args
+
+    for command in ("train", "compare"):
+        args = build_parser().parse_args([command, "--out", "x", *flags])
+        assert _config_from_args(args, loss=args.loss).lr == lr
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,13 @@ import numpy as np
 import pytest
 
 from keras_ce_plugin import KerasCEError
-from keras_ce_plugin.models import build_vgg16_classifier, split_base_and_head
+from keras_ce_plugin.models import (
+    build_vgg16_classifier,
+    feature_standardization,
+    split_base_and_head,
+    standardization_layer,
+    with_feature_standardization,
+)
 
 
 @pytest.fixture(scope="module")
@@ -170,3 +176,63 @@ def test_imagenet_offline_suggests_alternatives(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "--weights none" in proc.stdout and ".weights.h5" in proc.stdout
     assert "ImageNet VGG16 weights" in proc.stdout
+
+
+def _convs(model):
+    base, _ = split_base_and_head(model)
+    return [layer for layer in base.layers if isinstance(layer, keras.layers.Conv2D)]
+
+
+def test_random_base_is_he_initialised():
+    """Each kernel's std is sqrt(2 / fan_in) within 5 standard errors of a sample std
+    (relative SE 1/sqrt(2n) for n draws: 1.7% for the 1,728 weights of the first
+    layer, under 0.4% for the others); mean 0 likewise; biases zero."""
+    convs = _convs(build_vgg16_classifier(None, seed=0))
+    assert len(convs) == 13
+    for layer in convs:
+        kernel, bias = layer.get_weights()
+        n = kernel.size
+        fan_in = int(np.prod(kernel.shape[:3]))
+        expected = np.sqrt(2.0 / fan_in)
+        assert abs(kernel.std() / expected - 1) <= 5 / np.sqrt(2 * n), layer.name
+        assert abs(kernel.mean()) <= 5 * expected / np.sqrt(n), layer.name
+        assert kernel.dtype == np.float32
+        np.testing.assert_array_equal(bias, 0.0)
+
+
+def test_he_init_follows_the_seed():
+    a = [layer.get_weights()[0] for layer in _convs(build_vgg16_classifier(None, seed=3))]
+    keras.utils.set_random_seed(99)  # Keras' seed does not matter for the base, the seed does
+    b = [layer.get_weights()[0] for layer in _convs(build_vgg16_classifier(None, seed=3))]
+    c = [layer.get_weights()[0] for layer in _convs(build_vgg16_classifier(None, seed=4))]
+    for x, y, z in zip(a, b, c):
+        np.testing.assert_array_equal(x, y)
+        assert not np.array_equal(x, z)
+
+
+def test_feature_standardization_layer(rng):
+    features = rng.normal(3.0, 2.0, (50, 1, 1, 8)).astype("float32")
+    features[..., 5] = 1.5  # a constant feature: variance 1, not 0
+    layer = feature_standardization(features)
+    flat = features.astype("float64").reshape(50, 8)
+    var = flat.var(axis=0)
+    var[5] = 1.0
+    np.testing.assert_array_equal(layer.input_mean, flat.mean(axis=0))
+    np.testing.assert_array_equal(layer.input_variance, var)
+    assert layer.name == "feature_standardization" and not layer.trainable
+    out = keras.ops.convert_to_numpy(layer(features)).reshape(50, 8)
+    np.testing.assert_allclose(out, (flat - flat.mean(axis=0)) / np.sqrt(var), atol=1e-5)
+
+
+def test_with_feature_standardization_keeps_the_layers(model, rng):
+    assert standardization_layer(model) is None  # the tutorial's model has none
+    features = rng.normal(size=(20, 1, 1, 512)).astype("float32")
+    standardised = with_feature_standardization(model, features)
+    base, head = split_base_and_head(standardised)
+    old_base, old_head = split_base_and_head(model)
+    assert base is old_base and head[1:] == old_head
+    assert head[0] is standardization_layer(standardised)
+    assert standardised.output_shape == (None, 10)
+    assert len(standardised.trainable_weights) == len(model.trainable_weights)
+    with pytest.raises(ValueError, match="already"):
+        with_feature_standardization(standardised, features)

@@ -12,7 +12,13 @@ import pytest
 
 from keras_ce_plugin import CategoricalCE, KerasCEError
 from keras_ce_plugin.data import load_cifar10
-from keras_ce_plugin.models import build_vgg16_classifier, split_base_and_head
+from keras_ce_plugin.models import (
+    build_vgg16_classifier,
+    feature_standardization,
+    split_base_and_head,
+    standardization_layer,
+    with_feature_standardization,
+)
 from keras_ce_plugin.training import (
     HISTORY_KEYS,
     TrainConfig,
@@ -29,13 +35,22 @@ def small(cifar_dir):
     return load_cifar10(cifar_dir, limit_train=96, limit_test=32)
 
 
-def tutorial_fit(data, *, seed=SEED, epochs=EPOCHS):
-    """The tutorial's plain ``model.fit`` on the full model, seeded as ``train`` seeds it."""
-    (x, y), (xt, yt) = data
+def random_base_model(x, seed=SEED):
+    """The model ``train`` builds for a random base: He-initialised from ``seed``, with
+    the standardisation of the training images' features (computed as ``train`` does)."""
     keras.utils.set_random_seed(seed)
-    model = build_vgg16_classifier(None)
+    model = build_vgg16_classifier(None, seed=seed)
+    base, _ = split_base_and_head(model)
+    return with_feature_standardization(model, extract_features(base, x, verbose=False))
+
+
+def tutorial_fit(data, *, seed=SEED, epochs=EPOCHS):
+    """The tutorial's plain ``model.fit`` on the full model (with the random base's
+    standardisation and learning rate), seeded as ``train`` seeds it."""
+    (x, y), (xt, yt) = data
+    model = random_base_model(x, seed)
     model.compile(
-        optimizer=keras.optimizers.Adam(1e-3), loss="customloss>CategoricalCE", metrics=["accuracy"]
+        optimizer=keras.optimizers.Adam(1e-4), loss="customloss>CategoricalCE", metrics=["accuracy"]
     )
     keras.utils.set_random_seed(seed)
     hist = model.fit(x, y, epochs=epochs, batch_size=32, validation_data=(xt, yt), verbose=0)
@@ -83,6 +98,10 @@ def test_same_history_as_plain_fit(small, reference, default_run, overrides, ato
     )
     assert result.test_loss == result.history["val_loss"][-1]
     assert result.test_accuracy == result.history["val_accuracy"][-1]
+    # Both paths (feature cache, plain fit) give the reference's structure.
+    assert [(type(la).__name__, la.name) for la in result.model.layers] == [
+        (type(la).__name__, la.name) for la in ref_model.layers
+    ]
 
 
 def test_xla_step_draws_the_tutorials_dropout_masks(small, reference):
@@ -93,11 +112,13 @@ def test_xla_step_draws_the_tutorials_dropout_masks(small, reference):
     result = train(dataclasses.replace(CONFIG, xla_step=True), small)
     (_, y), (_, yt) = small
     f_train, f_test = result.features
+    norm = feature_standardization(f_train)
+    f_train, f_test = (keras.ops.convert_to_numpy(norm(f)) for f in (f_train, f_test))
     keras.utils.set_random_seed(SEED)
-    _, head = split_base_and_head(build_vgg16_classifier(None))
+    _, head = split_base_and_head(build_vgg16_classifier(None, seed=SEED))
     head_model = _head_model(f_train.shape[1:], head, xla_step=False)
     head_model.compile(
-        optimizer=keras.optimizers.Adam(1e-3),
+        optimizer=keras.optimizers.Adam(1e-4),
         loss="customloss>CategoricalCE",
         metrics=["accuracy"],
         jit_compile=True,
@@ -190,7 +211,7 @@ def test_returned_model_is_complete(default_run):
     result = default_run
     model = result.model
     base, head = split_base_and_head(model)
-    assert not base.trainable and len(head) == 6
+    assert not base.trainable and len(head) == 7 and head[0] is standardization_layer(model)
     assert model.loss == "customloss>CategoricalCE"
     assert isinstance(keras.losses.get(model.loss), CategoricalCE)
     assert type(model.optimizer) is keras.optimizers.Adam  # saved as plain Adam
@@ -201,7 +222,7 @@ def test_returned_model_is_complete(default_run):
     assert any(np.abs(keras.ops.convert_to_numpy(v)).max() > 0 for v in model.optimizer.variables)
     # The frozen base is the initial one: the same seed rebuilds the same base weights.
     keras.utils.set_random_seed(SEED)
-    fresh_base, _ = split_base_and_head(build_vgg16_classifier(None))
+    fresh_base, _ = split_base_and_head(build_vgg16_classifier(None, seed=SEED))
     for a, b in zip(base.get_weights(), fresh_base.get_weights()):
         np.testing.assert_array_equal(a, b)
 
@@ -210,8 +231,7 @@ def test_trainable_base_falls_back_to_plain_fit(small):
     (x, y), (xt, yt) = small
     data = ((x[:32], y[:32]), (xt[:16], yt[:16]))
     config = dataclasses.replace(CONFIG, freeze_base=False, epochs=1)
-    keras.utils.set_random_seed(SEED)
-    before = build_vgg16_classifier(None).get_weights()[0]
+    before = build_vgg16_classifier(None, seed=SEED).get_weights()[0]
     result = train(config, data)
     assert not result.feature_cache and result.features is None
     assert not np.array_equal(result.model.get_weights()[0], before)  # the base trained
@@ -340,3 +360,56 @@ def test_plots_have_integer_epoch_ticks(epochs):
         for ax in fig.axes:
             ticks = ax.get_xticks()
             assert len(ticks) and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_standardization_is_the_training_features_statistics(default_run):
+    """The layer's mean and variance are NumPy's over the training features (float64)."""
+    f_train, _ = default_run.features
+    norm = standardization_layer(default_run.model)
+    assert norm is not None and not norm.trainable and not norm.weights
+    flat = f_train.astype("float64").reshape(len(f_train), -1)
+    mean, var = flat.mean(axis=0), flat.var(axis=0)
+    var = np.where(var > 0, var, 1.0)
+    np.testing.assert_array_equal(norm.input_mean, mean)
+    np.testing.assert_array_equal(norm.input_variance, var)
+    # In the layer (float32): the same values to float32 rounding.
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(norm.mean).ravel(), mean, rtol=1e-6)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(norm.variance).ravel(), var, rtol=1e-6)
+    z = keras.ops.convert_to_numpy(norm(f_train)).reshape(len(f_train), -1)
+    live = flat.var(axis=0) > 0
+    np.testing.assert_allclose(z.mean(axis=0)[live], 0.0, atol=1e-4)
+    np.testing.assert_allclose(z.std(axis=0)[live], 1.0, rtol=1e-3)
+    assert default_run.base == {
+        "weights": "random (He-initialised)",
+        "trainable": False,
+        "feature_standardization": True,
+        "learning_rate": 1e-4,
+        "expectation": default_run.base["expectation"],
+    }
+    assert float(default_run.model.optimizer.learning_rate) == pytest.approx(1e-4)
+
+
+def test_weights_file_keeps_the_tutorials_setup(small, tmp_path):
+    """Pretrained (file or ImageNet) weights: no standardisation, learning rate 1e-3."""
+    (x, y), (xt, yt) = small
+    base, _ = split_base_and_head(build_vgg16_classifier(None, seed=1))
+    path = tmp_path / "vgg16.weights.h5"
+    base.save_weights(path)
+    config = dataclasses.replace(CONFIG, weights=str(path), epochs=1)
+    assert config.lr == 1e-3 and TrainConfig(weights="imagenet").lr == 1e-3
+    for cache in (True, False):
+        result = train(
+            dataclasses.replace(config, feature_cache=cache), ((x[:32], y[:32]), (xt[:16], yt[:16]))
+        )
+        assert standardization_layer(result.model) is None
+        assert len(split_base_and_head(result.model)[1]) == 6
+        assert result.base["weights"] == f"file: {path}"
+        assert result.base["feature_standardization"] is False
+        assert result.base["learning_rate"] == 1e-3
+        assert float(result.model.optimizer.learning_rate) == pytest.approx(1e-3)
+
+
+def test_explicit_learning_rate_wins():
+    assert TrainConfig(weights=None).lr == 1e-4
+    assert TrainConfig(weights="none", learning_rate=1e-3).lr == 1e-3
+    assert TrainConfig(weights="imagenet", learning_rate=5e-4).lr == 5e-4

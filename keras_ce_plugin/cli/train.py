@@ -55,12 +55,20 @@ def _add_train_flags(p: argparse.ArgumentParser, *, out_required: bool = True) -
     p.add_argument(
         "--weights",
         default="imagenet",
-        help="VGG16 base weights: imagenet (downloads), none (random), or a local "
+        help="VGG16 base weights: imagenet (downloads), none (random, He-initialised, "
+        "with a fixed standardisation of its features before the head), or a local "
         ".h5/.weights.h5 path (default: imagenet)",
     )
     p.add_argument("--epochs", type=positive_int, default=10)
     p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--learning-rate", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument(
+        "--learning-rate",
+        type=float,
+        default=None,
+        help="Adam learning rate (default: the tutorial's 1e-3; 1e-4 with --weights none, "
+        "where the head learns on a random base's standardised features); a value given "
+        "here is always used",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--no-feature-cache",
@@ -361,6 +369,7 @@ def compare_command(args: argparse.Namespace) -> int:
     else:
         verdict = "AGREE" if summary["agree"] else "DIFFER"
         within = f" (tolerance {tolerance:g})"
+    within += f", first epoch {summary['first_epoch_max_abs_diff']:.3e}"
     print(
         f"{verdict}: largest per-epoch |custom - built-in| = {worst:.3e}{within}; test "
         f"accuracy custom ({target.label}) {accuracy['custom']:.4f}, built-in "

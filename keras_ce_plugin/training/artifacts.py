@@ -136,6 +136,8 @@ def write_run(
         "test_accuracy": result.test_accuracy,
         "validation": VALIDATION_NOTE,
         "loss": loss_label,
+        "base": {k: v for k, v in result.base.items() if k != "expectation"},
+        "expectation": result.base.get("expectation"),
         "num_train": result.num_train,
         "num_test": result.num_test,
         "epochs": len(result.history["loss"]),

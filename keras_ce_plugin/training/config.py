@@ -19,6 +19,9 @@ from keras_ce_plugin.errors import KerasCEError
 
 DEFAULT_LOSS = "customloss>CategoricalCE"
 HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
+#: Adam's learning rate: the tutorial's, and the one for the head on a random base.
+TUTORIAL_LEARNING_RATE = 1e-3
+RANDOM_BASE_LEARNING_RATE = 1e-4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,13 +31,20 @@ class TrainConfig:
     The three speed mechanisms (:mod:`keras_ce_plugin.training.speedups`) apply to
     the feature-cache path on the TensorFlow backend in float32 without a
     distribution strategy; each has its own switch.
+
+    With ``weights=None`` (a random base, He-initialised) the run departs from the
+    tutorial in two ways, so that the head learns something: a fixed standardisation
+    of the base's features (from the training images) sits between base and head,
+    and ``learning_rate`` defaults to :data:`RANDOM_BASE_LEARNING_RATE`.
     """
 
     weights: str | os.PathLike | None = "imagenet"
     loss: Any = DEFAULT_LOSS
     epochs: int = 10
     batch_size: int = 32
-    learning_rate: float = 1e-3
+    #: Adam's learning rate; ``None``: :data:`TUTORIAL_LEARNING_RATE`, or
+    #: :data:`RANDOM_BASE_LEARNING_RATE` with a random base (:attr:`lr`).
+    learning_rate: float | None = None
     seed: int = 0
     feature_cache: bool = True
     freeze_base: bool = True
@@ -55,6 +65,24 @@ class TrainConfig:
     #: run resumed from a checkpoint (written every N epochs) repeats the uninterrupted one.
     checkpoint_every: int = 0
 
+    @property
+    def random_base(self) -> bool:
+        """Whether the VGG16 base is random (``weights`` ``None`` or ``"none"``)."""
+        from keras_ce_plugin.models import is_random
+
+        return is_random(self.weights)
+
+    @property
+    def lr(self) -> float:
+        """The learning rate used: ``learning_rate``, or its default for these weights.
+
+        >>> TrainConfig().lr, TrainConfig(weights=None).lr, TrainConfig(weights=None, learning_rate=0.01).lr
+        (0.001, 0.0001, 0.01)
+        """
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return RANDOM_BASE_LEARNING_RATE if self.random_base else TUTORIAL_LEARNING_RATE
+
     def validate(self) -> None:
         """Raises :class:`KerasCEError` for a setting :func:`train` cannot use."""
         for name in ("epochs", "batch_size", "extract_batch_size"):
@@ -67,7 +95,14 @@ class TrainConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise KerasCEError(f"`seed` must be an integer. Received: seed={self.seed!r}")
         lr = self.learning_rate
-        if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        if lr is None:
+            pass
+        elif (
+            isinstance(lr, bool)
+            or not isinstance(lr, (int, float))
+            or not math.isfinite(lr)
+            or lr <= 0
+        ):
             raise KerasCEError(
                 f"`learning_rate` must be a positive number. Received: learning_rate={lr!r}"
             )
@@ -94,6 +129,8 @@ class TrainResult:
     features: tuple[np.ndarray, np.ndarray] | None = None
     assembly_max_abs_diff: float | None = None
     speedups: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: :func:`base_info` of the run: which base, standardised or not, the learning rate.
+    base: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +166,56 @@ def resolve_loss(loss: Any) -> Any:
     if isinstance(loss, keras.losses.Loss) or callable(loss):
         return loss
     raise KerasCEError(f"`loss` must be a name or a loss object. Received: {loss!r}")
+
+
+def base_info(config: TrainConfig) -> dict[str, Any]:
+    """What ``metrics.json`` and ``compare.json`` say about the base: its weights,
+    whether it trains, whether the features are standardised, the learning rate and
+    a one-line ``expectation``.
+
+    >>> info = base_info(TrainConfig(weights=None))
+    >>> info["weights"], info["feature_standardization"], info["learning_rate"]
+    ('random (He-initialised)', True, 0.0001)
+    """
+    w = config.weights
+    if config.random_base:
+        weights = "random (He-initialised)"
+        expectation = (
+            "a random, frozen VGG16 base: expect far below ImageNet features (about 0.4 "
+            "test accuracy on the 1,017-image sample)"
+        )
+    elif isinstance(w, str) and w.lower() == "imagenet":
+        weights = "imagenet"
+        expectation = "the tutorial's setup: a frozen VGG16 base with ImageNet weights"
+    else:
+        weights = f"file: {os.fspath(w)}"
+        expectation = (
+            "the tutorial's setup with the VGG16 weights of that file: accuracy depends "
+            "on those weights"
+        )
+    if not config.freeze_base:
+        expectation = "a trainable VGG16 base (not the tutorial's frozen base): " + expectation
+    return {
+        "weights": weights,
+        "trainable": not config.freeze_base,
+        "feature_standardization": config.random_base,
+        "learning_rate": config.lr,
+        "expectation": expectation,
+    }
+
+
+def base_line(info: dict[str, Any]) -> str:
+    """The console line about the base, printed before training.
+
+    >>> base_line(base_info(TrainConfig()))[:40]
+    'base: imagenet, frozen; learning rate 0.'
+    """
+    state = "trainable" if info["trainable"] else "frozen"
+    standardised = "; features standardised" if info["feature_standardization"] else ""
+    return (
+        f"base: {info['weights']}, {state}{standardised}; learning rate "
+        f"{info['learning_rate']:g}; {info['expectation']}"
+    )
 
 
 def loss_label(loss: Any) -> str:

@@ -16,6 +16,14 @@ of :mod:`~keras_ce_plugin.training.speedups` apply on this path.
 ``feature_cache=False`` or a trainable base run the tutorial's ``model.fit`` on the
 full model.
 
+With a random base (``weights=None``) the base is He-initialised from the run's
+seed and a fixed standardisation of the base's features
+(:func:`~keras_ce_plugin.models.with_feature_standardization`), computed from the
+training images' features, sits between base and head in the model that is
+trained and saved. On the feature-cache path the cached features are standardised
+by that very layer once and the head is fitted on them; on the plain ``fit`` path
+a prediction pass over the training images gives the statistics first.
+
 Validation uses the test split, as the tutorial does: ``val_loss`` and
 ``val_accuracy`` are test-set numbers, and the reported test loss and accuracy
 are those of the last epoch.
@@ -34,10 +42,20 @@ import keras
 import numpy as np
 
 from keras_ce_plugin.errors import KerasCEError
-from keras_ce_plugin.models import build_vgg16_classifier, split_base_and_head
+from keras_ce_plugin.models import (
+    build_vgg16_classifier,
+    split_base_and_head,
+    with_feature_standardization,
+)
 from keras_ce_plugin.training import speedups
 from keras_ce_plugin.training.checkpoint import Checkpoint, epoch_seed, restore, save_checkpoint
-from keras_ce_plugin.training.config import HISTORY_KEYS, TrainConfig, TrainResult
+from keras_ce_plugin.training.config import (
+    HISTORY_KEYS,
+    TrainConfig,
+    TrainResult,
+    base_info,
+    base_line,
+)
 from keras_ce_plugin.training.features import extract_features
 from keras_ce_plugin.training.progress import progress_callbacks
 
@@ -117,12 +135,17 @@ def train(
     if checkpoint_path is not None and not config.checkpoint_every:
         raise KerasCEError("`checkpoint_path` needs `config.checkpoint_every` >= 1.")
     x_train, y_train, x_test, y_test = _check_data(data)
+    info = base_info(config)
+    if config.verbose:
+        print(base_line(info), file=sys.stderr, flush=True)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
     with scope:
         keras.utils.set_random_seed(config.seed)
-        model = build_vgg16_classifier(config.weights, freeze_base=config.freeze_base)
+        model = build_vgg16_classifier(
+            config.weights, freeze_base=config.freeze_base, seed=config.seed
+        )
         base, head_layers = split_base_and_head(model)
         initial_sha = _weights_sha256(model)
         timings["build_model_s"] = time.perf_counter() - t0
@@ -130,7 +153,7 @@ def train(
         fast_ok = use_cache and speedups.available(strategy)
         xla_step = fast_ok and config.xla_step
         optimizer = speedups.make_optimizer(
-            config.learning_rate, xla_update=fast_ok and config.xla_optimizer and not xla_step
+            config.lr, xla_update=fast_ok and config.xla_optimizer and not xla_step
         )
         metrics = ["accuracy"]
         if use_cache:
@@ -150,6 +173,11 @@ def train(
             if len(f_train) != len(x_train) or len(f_test) != len(x_test):
                 raise KerasCEError("`features` do not match the images: pass those of this data.")
             timings["extract_features_s"] = time.perf_counter() - t
+            if info["feature_standardization"]:
+                # The layer itself standardises the cache, once: the head then sees the
+                # very values the assembled model computes.
+                model = with_feature_standardization(model, f_train)
+                f_train, f_test = (_standardized(model, f) for f in (f_train, f_test))
             last = len(f_train) % config.batch_size  # the last, partial batch's size
             batches = [config.batch_size, last] if last else [config.batch_size]
             fit_model = speedups.head_model(
@@ -160,6 +188,17 @@ def train(
             )
             fit_x, val_x = f_train, f_test
         else:
+            if info["feature_standardization"]:
+                t = time.perf_counter()
+                f_train = extract_features(
+                    base,
+                    x_train,
+                    batch_size=config.extract_batch_size,
+                    verbose=config.verbose,
+                    desc="VGG16 features (train, for the standardisation)",
+                )
+                model = with_feature_standardization(model, f_train)
+                timings["standardization_stats_s"] = time.perf_counter() - t
             fit_model, fit_x, val_x = model, x_train, x_test
             features = None
         fit_model.compile(optimizer=optimizer, loss=config.loss, metrics=metrics)
@@ -225,7 +264,7 @@ def train(
             )
             n = min(_ASSEMBLY_CHECK_IMAGES, len(x_test))
             full = keras.ops.convert_to_numpy(model.predict_on_batch(x_test[:n]))
-            part = keras.ops.convert_to_numpy(fit_model.predict_on_batch(f_test[:n]))
+            part = keras.ops.convert_to_numpy(fit_model.predict_on_batch(val_x[:n]))
             assembly_diff = float(np.max(np.abs(full - part)))
             if not assembly_diff <= 1e-4:  # pragma: no cover - would be a bug in the assembly
                 raise RuntimeError(f"assembled model disagrees with the head: {assembly_diff}")
@@ -243,4 +282,11 @@ def train(
         features=features,
         assembly_max_abs_diff=assembly_diff,
         speedups=speedups.engaged(fit_model),
+        base=info,
     )
+
+
+def _standardized(model: keras.Model, features: np.ndarray) -> np.ndarray:
+    """``features`` through ``model``'s feature standardisation layer."""
+    layer = split_base_and_head(model)[1][0]
+    return keras.ops.convert_to_numpy(layer(features))
