@@ -11,6 +11,13 @@ enables ``model.compile(loss="customloss>CategoricalCE")`` (see
 
 from keras_ce_plugin._version import __version__
 from keras_ce_plugin.errors import KerasCEError  # noqa: E402
+from keras_ce_plugin.large_vocab import (  # noqa: E402
+    LinearCE,
+    LinearCEModel,
+    TokenAccuracy,
+    linear_ce,
+    linear_token_accuracy,
+)
 from keras_ce_plugin.losses import (  # noqa: E402
     BinaryCE,
     CategoricalCE,
@@ -30,10 +37,15 @@ __all__ = [
     "CategoricalCE",
     "KerasCEError",
     "KerasCompatibilityError",
+    "LinearCE",
+    "LinearCEModel",
     "SparseCategoricalCE",
+    "TokenAccuracy",
     "__version__",
     "binary_ce",
     "categorical_ce",
     "get",
+    "linear_ce",
+    "linear_token_accuracy",
     "sparse_categorical_ce",
 ]

@@ -1,0 +1,230 @@
+"""Forward + backward of a large-vocabulary loss: naive Keras vs ``linear_ce``.
+
+Per case (``N`` tokens, hidden size ``d``, vocabulary ``V``, float32) and method,
+a fresh process builds ``hidden`` (N x d), a ``keras.layers.Dense(V)`` head and
+integer labels, then times a compiled step returning the mean loss and its
+gradients w.r.t. hidden, kernel and bias:
+
+* ``naive``: ``Dense`` logits + ``keras.losses.SparseCategoricalCrossentropy``;
+* ``recompute``: ``fused_linear_ce_sum`` with the logits recomputed chunk by chunk
+  in the backward pass (Cut Cross-Entropy's way; what ``LinearCE`` uses in ``fit``);
+* ``in_forward``: the same with the gradients computed in the forward pass (Liger
+  Kernel's way);
+* ``per_token`` (optional): ``mean(linear_ce(...))``, the public per-token function.
+
+Time: median of ``--repeats`` runs after one warm-up (wall and process CPU time;
+on a shared machine the CPU time is the steadier of the two). Memory: the loss's
+own peak above the inputs, the weights and one set of gradients. On TensorFlow this
+is the CPU allocator's high-water mark (``tf.config.experimental.get_memory_info``)
+minus its current use with inputs, weights and the previous step's gradients
+alive, which are then released before the measured step (TensorFlow keeps freed
+memory pooled, so its RSS cannot show a step's peak). On JAX it is the RSS
+high-water mark (``/proc/self/clear_refs`` reset) of the first run after
+compilation minus the RSS with inputs, weights and gradient-sized buffers alive
+(released before the run; glibc returns big buffers at once through
+``MALLOC_MMAP_THRESHOLD_``).
+
+    python benchmarks/bench_large_vocab.py                       # the issue's 4 cases
+    python benchmarks/bench_large_vocab.py --quick               # N=4096, d=512, V=32768
+    python benchmarks/bench_large_vocab.py --cases 512x131072 --methods naive,fused
+    python benchmarks/bench_large_vocab.py --backend jax --quick
+
+Goals (issue 15), at V=131072: the loss's peak <= 10% of naive's, time <= 1.1x naive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+CASES = ["512x32768", "512x131072", "1024x32768", "1024x131072"]
+METHODS = ["naive", "recompute", "in_forward"]
+GIB = 1024**3
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(key)
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _timed(run, repeats: int) -> tuple[list[float], list[float]]:
+    times, cpu = [], []
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        run()
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return times, cpu
+
+
+def _child(args: argparse.Namespace) -> None:
+    import gc
+
+    import keras
+    import numpy as np
+
+    from keras_ce_plugin.large_vocab import fused_linear_ce_sum, linear_ce
+
+    d, v = (int(x) for x in args.case.split("x"))
+    n = args.tokens
+    rng = np.random.default_rng(0)
+    dense = keras.layers.Dense(v)
+    dense.build((None, d))
+    h = keras.ops.convert_to_tensor(rng.normal(size=(n, d)).astype("float32"))
+    y = keras.ops.convert_to_tensor(rng.integers(0, v, n).astype("int32"))
+    builtin = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    weights = keras.ops.full((n,), 1.0 / n)
+    chunks = {"token_chunk_size": args.token_chunk, "vocab_chunk_size": args.vocab_chunk}
+
+    def loss_of(hh, kk, bb):
+        if args.method == "naive":
+            return builtin(y, keras.ops.matmul(hh, kk) + bb)
+        if args.method == "per_token":
+            return keras.ops.mean(linear_ce(hh, kk, y, bias=bb, **chunks))
+        return fused_linear_ce_sum(hh, kk, y, weights, bias=bb, strategy=args.method, **chunks)[0]
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        @tf.function
+        def step():
+            with tf.GradientTape() as tape:
+                tape.watch(h)
+                value = loss_of(h, dense.kernel.value, dense.bias.value)
+            return value, tape.gradient(value, [h, dense.kernel.value, dense.bias.value])
+
+        def run():
+            value, grads = step()
+            float(value)
+            return grads
+
+    else:
+        import jax
+
+        fn = jax.jit(jax.value_and_grad(loss_of, argnums=(0, 1, 2)))
+        kernel, bias = dense.kernel.value, dense.bias.value
+
+        def run():
+            value, grads = fn(h, kernel, bias)
+            jax.block_until_ready(grads)
+            float(value)
+            return grads
+
+    if keras.backend.backend() == "tensorflow":
+        grads = run()  # warm-up (traces and compiles)
+        times, cpu = _timed(run, args.repeats)
+        # The TensorFlow allocator's own high-water mark (its RSS stays pooled).
+        tf.config.experimental.reset_memory_stats("CPU:0")
+        base = tf.config.experimental.get_memory_info("CPU:0")["current"]
+        del grads  # the step allocates its own gradients again
+        grads = run()
+        peak = tf.config.experimental.get_memory_info("CPU:0")["peak"] - base
+    else:
+        fn = fn.lower(h, kernel, bias).compile()  # noqa: F821 - compile memory not counted
+        spare = [np.ones(x.shape, "float32") for x in (h, kernel, bias)]  # gradient-sized
+        gc.collect()
+        base = _status_kib("VmRSS") * 1024
+        del spare
+        gc.collect()
+        _reset_peak()
+        grads = run()
+        peak = _status_kib("VmHWM") * 1024 - base
+        times, cpu = _timed(run, args.repeats)
+    print(
+        json.dumps(
+            {
+                "case": args.case,
+                "method": args.method,
+                "median_s": statistics.median(times),
+                "cpu_s": statistics.median(cpu),
+                "times": times,
+                "peak_gib": max(peak, 0) / GIB,
+            }
+        )
+    )
+
+
+def _run_case(args: argparse.Namespace, case: str, method: str) -> dict:
+    env = {
+        **os.environ,
+        "KERAS_BACKEND": args.backend,
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "MALLOC_MMAP_THRESHOLD_": "65536",
+        "MALLOC_TRIM_THRESHOLD_": "0",
+    }
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--case",
+        case,
+        "--method",
+        method,
+        "--tokens",
+        str(args.tokens),
+        "--repeats",
+        str(args.repeats),
+    ]
+    for flag, value in (("--token-chunk", args.token_chunk), ("--vocab-chunk", args.vocab_chunk)):
+        if value:
+            cmd += [flag, str(value)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{case} {method} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cases", default=",".join(CASES), help="comma-separated dxV")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--backend", default="tensorflow", choices=["tensorflow", "jax"])
+    p.add_argument("--token-chunk", type=int, default=None)
+    p.add_argument("--vocab-chunk", type=int, default=None)
+    p.add_argument("--quick", action="store_true", help="only d=512, V=32768")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--case", help=argparse.SUPPRESS)
+    p.add_argument("--method", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        _child(args)
+        return
+    cases = ["512x32768"] if args.quick else args.cases.split(",")
+    methods = args.methods.split(",")
+    print(f"backend={args.backend} N={args.tokens} repeats={args.repeats} load={os.getloadavg()}")
+    print(
+        f"{'case dxV':>12} {'method':>10} {'wall s':>8} {'x naive':>8} {'cpu s':>8} "
+        f"{'x naive':>8} {'peak GiB':>9} {'% naive':>8}"
+    )
+    for case in cases:
+        results = {m: _run_case(args, case, m) for m in methods}
+        ref = results.get("naive")
+        for m, r in results.items():
+            ratio = r["median_s"] / ref["median_s"] if ref else float("nan")
+            cratio = r["cpu_s"] / ref["cpu_s"] if ref else float("nan")
+            mem = 100 * r["peak_gib"] / ref["peak_gib"] if ref and ref["peak_gib"] else float("nan")
+            print(
+                f"{case:>12} {m:>10} {r['median_s']:8.2f} {ratio:8.2f} {r['cpu_s']:8.2f} "
+                f"{cratio:8.2f} {r['peak_gib']:9.3f} {mem:7.1f}%",
+                flush=True,
+            )
+    print(f"load after: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+"""Cross-entropy for large vocabularies without materialising the logits.
+
+``linear_ce`` is the per-token function; :class:`LinearCE`, :class:`LinearCEModel`
+and :class:`TokenAccuracy` are the Keras-facing pieces (registered under the
+``customloss`` package).
+"""
+
+from keras_ce_plugin.large_vocab.metrics import TokenAccuracy, linear_token_accuracy
+from keras_ce_plugin.large_vocab.model import LinearCE, LinearCEModel
+from keras_ce_plugin.large_vocab.ops import fused_linear_ce_sum, linear_ce
+
+__all__ = [
+    "LinearCE",
+    "LinearCEModel",
+    "TokenAccuracy",
+    "fused_linear_ce_sum",
+    "linear_ce",
+    "linear_token_accuracy",
+]

@@ -1,0 +1,371 @@
+"""The chunked machinery behind :mod:`keras_ce_plugin.large_vocab.ops`.
+
+Validation, the per-chunk elementwise kernels (online log-sum-exp, logits gradient),
+the token loop of the forward pass and of the gradient pass, and the row sorting
+that skips ignored tokens. Backend specifics (in-place buffers, matmuls with
+transposed operands, XLA fusion) come from ``_tensorflow``/``_jax``, imported on
+first use only.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import keras
+from keras import ops
+
+from keras_ce_plugin.losses import _check_ignore_class, _check_label_smoothing
+
+DEFAULT_TOKEN_CHUNK = 1024
+DEFAULT_VOCAB_CHUNK = 2048
+# Gradient-in-forward keeps `token_chunk x V` logits: the token chunk is sized so
+# that this row stays within this many float32 elements.
+FUSED_ROW_ELEMENTS = 1 << 23
+_HALF = ("float16", "bfloat16")
+
+
+class _Spec(NamedTuple):
+    dim: int
+    vocab: int
+    transpose: bool
+    cap: float | None
+    smoothing: float
+    tn: int
+    tv: int
+
+
+def _backend() -> Any:
+    name = keras.backend.backend()
+    if name == "tensorflow":
+        from keras_ce_plugin.large_vocab import _tensorflow as impl
+    elif name == "jax":
+        from keras_ce_plugin.large_vocab import _jax as impl
+    else:
+        raise NotImplementedError(
+            "`linear_ce` needs a custom gradient and in-place buffers, implemented for the "
+            f"TensorFlow and JAX backends. Received: backend={name!r}"
+        )
+    return impl
+
+
+def _check_chunk(name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer or None. Received: {name}={value!r}")
+    return int(value)
+
+
+def _check_cap(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(
+            f"`logit_soft_cap` must be a positive float or None. Received: logit_soft_cap={value!r}"
+        )
+    if not math.isfinite(value):
+        raise ValueError(f"`logit_soft_cap` must be finite. Received: logit_soft_cap={value!r}")
+    return float(value)
+
+
+def _spec(hidden, kernel, bias, transpose, cap, smoothing, tn, tv, fused) -> _Spec:
+    if not isinstance(transpose, bool):
+        raise TypeError(
+            f"`transpose_kernel` must be a bool. Received: transpose_kernel={transpose!r}"
+        )
+    if len(kernel.shape) != 2:
+        raise ValueError(f"`kernel` must be 2-D. Received: kernel.shape={tuple(kernel.shape)}")
+    dim, vocab = (kernel.shape[1], kernel.shape[0]) if transpose else tuple(kernel.shape)
+    if dim is None or vocab is None:
+        raise ValueError(f"`kernel` needs a static shape. Received: kernel.shape={kernel.shape}")
+    if len(hidden.shape) < 2 or hidden.shape[-1] != dim:
+        layout = "(V, d)" if transpose else "(d, V)"
+        raise ValueError(
+            f"`hidden` must have shape (..., d) with d={dim} for a {layout} kernel. "
+            f"Received: hidden.shape={tuple(hidden.shape)}, kernel.shape={tuple(kernel.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (vocab,):
+        raise ValueError(
+            f"`bias` must have shape ({vocab},). Received: bias.shape={tuple(bias.shape)}"
+        )
+    tv = min(tv or DEFAULT_VOCAB_CHUNK, vocab)
+    rows = math.prod(hidden.shape[:-1]) if None not in hidden.shape[:-1] else None
+    if tn is None:
+        tn = (
+            max(16, min(DEFAULT_TOKEN_CHUNK, FUSED_ROW_ELEMENTS // vocab))
+            if fused
+            else (DEFAULT_TOKEN_CHUNK)
+        )
+    if rows is not None:  # no chunk larger than the (static) number of tokens
+        tn = max(1, min(tn, rows))
+    return _Spec(int(dim), int(vocab), transpose, _check_cap(cap), smoothing, tn, tv)
+
+
+def _chunks(spec: _Spec) -> list[tuple[int, int]]:
+    return [(c, min(c + spec.tv, spec.vocab)) for c in range(0, spec.vocab, spec.tv)]
+
+
+def _block(kernel, c0: int, c1: int, spec: _Spec):
+    blk = kernel[c0:c1] if spec.transpose else kernel[:, c0:c1]
+    return ops.cast(blk, "float32")
+
+
+def _matmul(impl, h, w, spec: _Spec):
+    """Pre-bias logits of one chunk, ``(tn, w)``."""
+    return impl.mm_nt(h, w) if spec.transpose else ops.matmul(h, w)
+
+
+@functools.lru_cache(maxsize=64)
+def _elementwise(backend: str, cap: float | None, smoothing: float, vocab: int, bias: bool):
+    """The per-chunk elementwise work, compiled into one fused kernel per backend.
+
+    ``fold(z, b, lab, c0, m, total, tgt, ssum, amax)`` folds the pre-bias logits ``z`` of
+    one chunk into the online state; ``dlogits(z, b, lab, c0, lse, u)`` gives
+    d(u * loss)/d(pre-cap logits) and its column sum. The capped logits are never
+    written to memory.
+    """
+    impl = _backend()
+
+    def capped(z, b):
+        s = z + b[None, :] if bias else z
+        return s if cap is None else cap * ops.tanh(s / cap)
+
+    def fold(z, b, lab, c0, m, total, tgt, ssum, amax):
+        s = capped(z, b)
+        cols = c0 + ops.arange(0, ops.shape(s)[1], dtype="int32")
+        is_t = ops.equal(lab[:, None], cols[None, :])
+        tgt = tgt + ops.sum(ops.where(is_t, s, 0.0), axis=1)
+        cmax = ops.max(s, axis=1)
+        new_m = ops.maximum(m, cmax)
+        total = total * ops.exp(m - new_m) + ops.sum(ops.exp(s - new_m[:, None]), axis=1)
+        amax = ops.where(cmax > m, ops.cast(ops.argmax(s, axis=1), "int32") + c0, amax)
+        if smoothing:
+            ssum = ssum + ops.sum(s, axis=1)
+        return new_m, total, tgt, ssum, amax
+
+    def dlogits(z, b, lab, c0, lse, u):
+        s = capped(z, b)
+        cols = c0 + ops.arange(0, ops.shape(s)[1], dtype="int32")
+        is_t = ops.equal(lab[:, None], cols[None, :])
+        g = ops.exp(s - lse[:, None])
+        g = ops.where(is_t, g - (1.0 - smoothing), g)
+        if smoothing:
+            g = g - smoothing / vocab
+        g = g * u[:, None]
+        if cap is not None:
+            g = g * (1.0 - ops.square(s / cap))
+        return g, ops.sum(g, axis=0)
+
+    return impl.fuse(fold), impl.fuse(dlogits)
+
+
+def _kernels(spec: _Spec, bias):
+    return _elementwise(
+        keras.backend.backend(), spec.cap, spec.smoothing, spec.vocab, bias is not None
+    )
+
+
+def _bias_chunk(bias, c0: int, c1: int):
+    return ops.zeros((1,), "float32") if bias is None else ops.cast(bias[c0:c1], "float32")
+
+
+def _init_state(tn: int):
+    zero = ops.zeros((tn,), "float32")
+    return (ops.full((tn,), -float("inf"), "float32"), zero, zero, zero, ops.zeros((tn,), "int32"))
+
+
+def _finish(state, spec: _Spec):
+    m, total, tgt, ssum, amax = state
+    lse = m + ops.log(total)
+    loss = lse - (1.0 - spec.smoothing) * tgt
+    if spec.smoothing:
+        loss = loss - (spec.smoothing / spec.vocab) * ssum
+    return loss, lse, amax
+
+
+class _Rows(NamedTuple):
+    h: Any  # (n_pad, d) float32, active rows first
+    lab: Any  # (n_pad,) int32
+    u: Any  # (n_pad,) float32 weights (0 on inactive rows)
+    perm: Any  # None, or the row order used
+    n: Any  # number of rows (int or scalar tensor)
+    n_pad: Any
+    n_chunks: Any  # chunks holding active rows
+
+
+def _rows(h2, lab, active, u, spec: _Spec, sort: bool) -> _Rows:
+    n = h2.shape[0] if h2.shape[0] is not None else ops.shape(h2)[0]
+    perm = None
+    if sort:
+        perm = ops.argsort(ops.cast(ops.logical_not(active), "int32"))
+        h2, lab, u = ops.take(h2, perm, axis=0), ops.take(lab, perm), ops.take(u, perm)
+        n_active = ops.sum(ops.cast(active, "int32"))
+    else:
+        n_active = n
+    n_pad = (n + spec.tn - 1) // spec.tn * spec.tn
+    pad = n_pad - n
+    if not isinstance(pad, int) or pad:
+        h2 = ops.concatenate([h2, ops.zeros((pad, spec.dim), h2.dtype)], axis=0)
+        lab = ops.concatenate([lab, ops.zeros((pad,), "int32")], axis=0)
+        u = ops.concatenate([u, ops.zeros((pad,), "float32")], axis=0)
+    n_chunks = (n_active + spec.tn - 1) // spec.tn
+    return _Rows(h2, lab, u, perm, n, n_pad, n_chunks)
+
+
+def _unsort(rows: _Rows, x):
+    """Per-row values (n_pad, ...) in the sorted order -> the caller's (n, ...) order."""
+    if rows.perm is None:
+        return x[: rows.n]
+    return ops.take(x, ops.argsort(rows.perm), axis=0)
+
+
+def _chunk_rows(rows: _Rows, i, spec: _Spec):
+    start = i * spec.tn
+    h = ops.cast(ops.slice(rows.h, (start, 0), (spec.tn, spec.dim)), "float32")
+    lab = ops.slice(rows.lab, (start,), (spec.tn,))
+    u = ops.slice(rows.u, (start,), (spec.tn,))
+    return h, lab, u
+
+
+def _fold_all(impl, h, lab, kernel, bias, spec: _Spec, keep: bool):
+    """One pass over the vocabulary chunks: the online state (and the logits if ``keep``).
+
+    Each chunk waits for the previous one (``impl.after``) so that a graph executor
+    does not run all the matmuls ahead and hold every chunk at once.
+    """
+    fold, _ = _kernels(spec, bias)
+    state = _init_state(spec.tn)
+    kept = []
+    for c0, c1 in _chunks(spec):
+        k = impl.after(kernel, state[0])
+        z = _matmul(impl, impl.after(h, state[0]), _block(k, c0, c1, spec), spec)
+        state = fold(z, _bias_chunk(bias, c0, c1), lab, _i32(c0), *state)
+        if keep:
+            kept.append(z)
+    return _finish(state, spec), kept
+
+
+def _i32(x: int):
+    return ops.convert_to_tensor(x, "int32")
+
+
+def _forward(impl, rows: _Rows, kernel, bias, spec: _Spec):
+    """Per-row loss, log-sum-exp and argmax, each (n_chunks_total, tn)."""
+    total = rows.n_pad // spec.tn
+
+    def body(i, bufs):
+        loss_b, lse_b, amax_b = bufs
+        h, lab, _ = _chunk_rows(rows, i, spec)
+        h = impl.after(h, loss_b)  # one token chunk at a time
+        (loss, lse, amax), _ = _fold_all(impl, h, lab, kernel, bias, spec, keep=False)
+        return (
+            impl.set_row(loss_b, i, loss),
+            impl.set_row(lse_b, i, lse),
+            impl.set_row(amax_b, i, amax),
+        )
+
+    init = (
+        impl.zeros((total, spec.tn)),
+        impl.zeros((total, spec.tn)),
+        impl.zeros((total, spec.tn), "int32"),
+    )
+    return ops.fori_loop(0, rows.n_chunks, body, init)
+
+
+def _grads(impl, rows: _Rows, kernel, bias, spec: _Spec, lse_b, fused: bool):
+    """Gradients of sum(u * loss) w.r.t. hidden (sorted rows), kernel and bias.
+
+    With ``fused``, the loss, argmax and gradients come from one pass that keeps a
+    token chunk's whole logits row; otherwise each logits chunk is recomputed with
+    the log-sum-exp ``lse_b`` of the forward pass.
+    """
+    total = rows.n_pad // spec.tn
+    chunks = _chunks(spec)
+    fold, dlogits = _kernels(spec, bias)
+
+    def body(i, bufs):
+        dh_b, dk, db, loss_b, amax_b = bufs
+        h, lab, u = _chunk_rows(rows, i, spec)
+        h = impl.after(h, dk)  # one token chunk at a time
+        if fused:
+            (loss, lse, amax), kept = _fold_all(impl, h, lab, kernel, bias, spec, keep=True)
+            loss_b = impl.set_row(loss_b, i, loss)
+            amax_b = impl.set_row(amax_b, i, amax)
+        else:
+            lse = lse_b[i]
+        dh = None
+        db = list(db)
+        for k, (c0, c1) in enumerate(chunks):
+            w = _block(impl.after(kernel, dk), c0, c1, spec)
+            if fused:
+                z = kept[k]
+            else:
+                z = _matmul(impl, impl.after(h, dk), w, spec)
+            g, g_sum = dlogits(z, _bias_chunk(bias, c0, c1), lab, _i32(c0), lse, u)
+            part = ops.matmul(g, w) if spec.transpose else impl.mm_nt(g, w)
+            dh = part if dh is None else dh + part
+            blk = impl.mm_tn(g, h) if spec.transpose else impl.mm_tn(h, g)
+            dk = impl.add_kernel_grad(dk, blk, c0, spec.dim, spec.vocab, spec.tv, spec.transpose)
+            if bias is not None:
+                db[k] = db[k] + g_sum
+        return impl.set_row(dh_b, i, dh), dk, tuple(db), loss_b, amax_b
+
+    init = (
+        impl.zeros((total, spec.tn, spec.dim)),
+        impl.kernel_grad_buffer(spec.dim, spec.vocab, spec.tv, spec.transpose),
+        tuple(ops.zeros((c1 - c0,), "float32") for c0, c1 in chunks) if bias is not None else (),
+        impl.zeros((total, spec.tn)) if fused else ops.zeros((1,)),
+        impl.zeros((total, spec.tn), "int32") if fused else ops.zeros((1,), "int32"),
+    )
+    dh_b, dk, db, loss_b, amax_b = ops.fori_loop(0, rows.n_chunks, body, init)
+    dh = _unsort(rows, ops.reshape(dh_b, (-1, spec.dim)))
+    dk = impl.finish_kernel_grad(dk, spec.dim, spec.vocab, spec.transpose)
+    db = ops.concatenate(list(db), axis=0) if bias is not None else None
+    return dh, dk, db, loss_b, amax_b
+
+
+def _labels(labels, vocab: int, ignore_class: int | None):
+    lab = ops.convert_to_tensor(labels)
+    if keras.backend.is_float_dtype(lab.dtype):
+        finite = ops.isfinite(lab)
+        lab = ops.where(finite, lab, -1)
+    lab = ops.reshape(ops.cast(lab, "int32"), (-1,))
+    in_range = ops.logical_and(ops.greater_equal(lab, 0), ops.less(lab, vocab))
+    keep = None if ignore_class is None else ops.not_equal(lab, ignore_class)
+    return lab, in_range, keep
+
+
+def _upstream(args: tuple, upstream: Any) -> Any:
+    if upstream is None:
+        upstream = args[0]
+    if isinstance(upstream, (tuple, list)):
+        upstream = upstream[0]
+    return upstream
+
+
+def _out_grads(hidden, kernel, bias, dh, dk, db):
+    grads = [
+        ops.reshape(ops.cast(dh, hidden.dtype), ops.shape(hidden)),
+        dk if dk.dtype == kernel.dtype else ops.cast(dk, kernel.dtype),
+    ]
+    if bias is not None:
+        grads.append(ops.cast(db, bias.dtype))
+    return tuple(grads)
+
+
+def _inputs(hidden, kernel, labels, bias, ignore_class, label_smoothing):
+    hidden = ops.convert_to_tensor(hidden)
+    kernel = ops.convert_to_tensor(kernel)
+    bias = None if bias is None else ops.convert_to_tensor(bias)
+    for name, x in (("hidden", hidden), ("kernel", kernel), ("bias", bias)):
+        if x is not None and not keras.backend.is_float_dtype(x.dtype):
+            raise TypeError(f"`{name}` must be a float tensor. Received: {name}.dtype={x.dtype}")
+    return (
+        hidden,
+        kernel,
+        bias,
+        _check_ignore_class(ignore_class),
+        _check_label_smoothing(label_smoothing),
+    )

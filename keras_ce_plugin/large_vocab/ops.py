@@ -1,0 +1,228 @@
+"""Cross-entropy of ``hidden @ kernel (+ bias)`` without an ``N x V`` tensor.
+
+The tokens are processed in chunks of ``token_chunk_size`` rows (a loop whose trip
+count may be dynamic) and the vocabulary in chunks of ``vocab_chunk_size`` columns
+(unrolled: ``V`` is static). Each token chunk keeps an online log-sum-exp
+(running max and rescaled sum) over the vocabulary chunks. Two strategies:
+
+* recomputation (as Apple's Cut Cross-Entropy): the forward pass keeps only the
+  per-token log-sum-exp; the backward pass recomputes each logits chunk. Used by
+  :func:`linear_ce` (per-token values, any upstream gradient) and, by default, by
+  :func:`fused_linear_ce_sum` (the weighted sum behind ``LinearCE``).
+* gradient in the forward pass (as Liger Kernel's fused linear cross-entropy),
+  ``fused_linear_ce_sum(..., strategy="in_forward")``: a token chunk's logits row
+  (``token_chunk x V``) is kept while its gradients are computed; the backward pass
+  only scales them. It saves one of the four matmuls but needs small token chunks
+  at large ``V``, and measured slower on CPU (see the benchmark).
+
+Rows whose label is ``ignore_class`` (or whose weight is 0) are moved behind the
+others and the loop stops before them: they cost no matmul.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from keras import ops
+
+from keras_ce_plugin.large_vocab._chunked import (
+    _backend,
+    _check_chunk,
+    _forward,
+    _grads,
+    _inputs,
+    _labels,
+    _out_grads,
+    _rows,
+    _spec,
+    _unsort,
+    _upstream,
+)
+
+__all__ = ["fused_linear_ce_sum", "linear_ce"]
+
+
+def linear_ce(
+    hidden: Any,
+    kernel: Any,
+    labels: Any,
+    *,
+    bias: Any = None,
+    transpose_kernel: bool = False,
+    ignore_class: int | None = None,
+    label_smoothing: float = 0.0,
+    logit_soft_cap: float | None = None,
+    token_chunk_size: int | None = None,
+    vocab_chunk_size: int | None = None,
+) -> Any:
+    """Per-token sparse cross-entropy of ``hidden @ kernel (+ bias)``, chunked.
+
+    Equals ``SparseCategoricalCrossentropy(from_logits=True, reduction=None)`` on the
+    logits (with ``label_smoothing`` as ``CategoricalCrossentropy`` on one-hot labels,
+    and on ``cap * tanh(logits / cap)`` with ``logit_soft_cap``), but never holds an
+    ``N x V`` tensor: the backward pass recomputes the logits chunk by chunk.
+
+    Args:
+        hidden: ``(..., d)`` float tensor (float16/bfloat16 are computed in float32).
+        kernel: ``(d, V)`` as in ``Dense``, or ``(V, d)`` (an embedding matrix, a
+            tied head) with ``transpose_kernel=True``; never copied or transposed.
+        labels: Integer ids, shape ``hidden.shape[:-1]``.
+        bias: Optional ``(V,)`` bias.
+        transpose_kernel: Whether ``kernel`` is ``(V, d)``.
+        ignore_class: Label whose rows cost nothing (and no matmul).
+        label_smoothing: In [0, 1], as Keras' ``CategoricalCrossentropy``.
+        logit_soft_cap: Optional positive cap (Gemma 2 soft-capping).
+        token_chunk_size, vocab_chunk_size: Chunk sizes (defaults from a sweep).
+
+    Returns:
+        float32 per-token losses of shape ``labels``'s (0 where ignored; NaN for labels
+        outside ``[0, V)``).
+    """
+    hidden, kernel, bias, ignore_class, smoothing = _inputs(
+        hidden, kernel, labels, bias, ignore_class, label_smoothing
+    )
+    spec = _spec(
+        hidden,
+        kernel,
+        bias,
+        transpose_kernel,
+        logit_soft_cap,
+        smoothing,
+        _check_chunk("token_chunk_size", token_chunk_size),
+        _check_chunk("vocab_chunk_size", vocab_chunk_size),
+        fused=False,
+    )
+    impl = _backend()
+    lead = ops.shape(hidden)[:-1]
+    lab, in_range, keep = _labels(labels, spec.vocab, ignore_class)
+    active = in_range if keep is None else ops.logical_and(in_range, keep)
+    safe = ops.where(active, lab, 0)
+
+    def run(h, k, b):
+        h2 = ops.reshape(h, (-1, spec.dim))
+        ones = ops.ones(ops.shape(safe), "float32")
+        rows = _rows(h2, safe, active, ones, spec, sort=keep is not None)
+        loss_b, lse_b, _ = _forward(impl, rows, k, b, spec)
+        loss = _unsort(rows, ops.reshape(loss_b, (-1,)))
+
+        def grad(*args, upstream=None):
+            up = ops.reshape(ops.cast(_upstream(args, upstream), "float32"), (-1,))
+            up = ops.where(active, up, 0.0)
+            if rows.perm is not None:
+                up = ops.take(up, rows.perm)
+            pad = rows.n_pad - rows.n
+            if not isinstance(pad, int) or pad:
+                up = ops.concatenate([up, ops.zeros((pad,), "float32")], axis=0)
+            dh, dk, db, _, _ = _grads(impl, rows._replace(u=up), k, b, spec, lse_b, False)
+            return _out_grads(h, k, b, dh, dk, db)
+
+        return loss, grad
+
+    if bias is None:
+        loss = ops.custom_gradient(lambda h, k: run(h, k, None))(hidden, kernel)
+    else:
+        loss = ops.custom_gradient(run)(hidden, kernel, bias)
+    nan_or_zero = ops.where(in_range, 0.0, float("nan"))
+    if keep is not None:
+        nan_or_zero = ops.where(keep, nan_or_zero, 0.0)
+    loss = ops.where(active, loss, nan_or_zero)
+    return ops.reshape(loss, lead)
+
+
+def fused_linear_ce_sum(
+    hidden: Any,
+    kernel: Any,
+    labels: Any,
+    weights: Any,
+    *,
+    bias: Any = None,
+    transpose_kernel: bool = False,
+    ignore_class: int | None = None,
+    label_smoothing: float = 0.0,
+    logit_soft_cap: float | None = None,
+    token_chunk_size: int | None = None,
+    vocab_chunk_size: int | None = None,
+    compute_grads: bool = True,
+    strategy: str = "recompute",
+) -> tuple[Any, Any]:
+    """``sum(weights * linear_ce(...))`` and the per-token correctness (argmax == label).
+
+    Rows with weight 0 or label ``ignore_class`` are skipped (no matmul). ``weights``
+    has the labels' shape. ``strategy="recompute"`` recomputes the logits chunks in
+    the backward pass; ``"in_forward"`` computes the gradients in the forward pass
+    and only scales them in the backward pass (``compute_grads=False``: no
+    gradient, e.g. for metrics). Returns a float32 scalar and float32 ``(N,)``
+    correctness (1.0/0.0; 0 on skipped rows).
+    """
+    if strategy not in ("recompute", "in_forward"):
+        raise ValueError(
+            f"`strategy` must be 'recompute' or 'in_forward'. Received: strategy={strategy!r}"
+        )
+    hidden, kernel, bias, ignore_class, smoothing = _inputs(
+        hidden, kernel, labels, bias, ignore_class, label_smoothing
+    )
+    spec = _spec(
+        hidden,
+        kernel,
+        bias,
+        transpose_kernel,
+        logit_soft_cap,
+        smoothing,
+        _check_chunk("token_chunk_size", token_chunk_size),
+        _check_chunk("vocab_chunk_size", vocab_chunk_size),
+        fused=compute_grads and strategy == "in_forward",
+    )
+    impl = _backend()
+    lab, in_range, keep = _labels(labels, spec.vocab, ignore_class)
+    w = ops.reshape(ops.cast(weights, "float32"), (-1,))
+    active = ops.not_equal(w, 0.0)
+    if keep is not None:
+        active = ops.logical_and(active, keep)
+    nan_rows = ops.logical_and(active, ops.logical_not(in_range))
+    active = ops.logical_and(active, in_range)
+    safe = ops.where(active, lab, 0)
+    u = ops.where(active, w, 0.0)
+    # A label outside [0, V) on a counted row makes the loss NaN, as in `linear_ce`.
+    nan_term = ops.sum(ops.where(nan_rows, float("nan"), 0.0))
+
+    def correct_of(rows, loss_b, amax_b):
+        amax = _unsort(rows, ops.reshape(amax_b, (-1,)))
+        loss = _unsort(rows, ops.reshape(loss_b, (-1,)))
+        hit = ops.logical_and(active, ops.equal(amax, safe))
+        return ops.sum(u * loss) + nan_term, ops.cast(hit, "float32")
+
+    if not compute_grads:
+        h2 = ops.reshape(hidden, (-1, spec.dim))
+        rows = _rows(h2, safe, active, u, spec, sort=True)
+        loss_b, _, amax_b = _forward(impl, rows, kernel, bias, spec)
+        return correct_of(rows, loss_b, amax_b)
+
+    def run(h, k, b):
+        h2 = ops.reshape(h, (-1, spec.dim))
+        rows = _rows(h2, safe, active, u, spec, sort=True)
+        if strategy == "recompute":
+            loss_b, lse_b, amax_b = _forward(impl, rows, k, b, spec)
+            total, correct = correct_of(rows, loss_b, amax_b)
+
+            def grad(*args, upstream=None):
+                up = ops.cast(_upstream(args, upstream), "float32")
+                scaled = rows._replace(u=rows.u * up)
+                dh, dk, db, _, _ = _grads(impl, scaled, k, b, spec, lse_b, False)
+                return _out_grads(h, k, b, dh, dk, db)
+
+            return (total, correct), grad
+
+        dh, dk, db, loss_b, amax_b = _grads(impl, rows, k, b, spec, None, True)
+        total, correct = correct_of(rows, loss_b, amax_b)
+
+        def grad_in_forward(*args, upstream=None):
+            up = ops.cast(_upstream(args, upstream), "float32")
+            return tuple(impl.scale(g, up) for g in _out_grads(h, k, b, dh, dk, db))
+
+        return (total, correct), grad_in_forward
+
+    if bias is None:
+        out = ops.custom_gradient(lambda h, k: run(h, k, None))(hidden, kernel)
+    else:
+        out = ops.custom_gradient(run)(hidden, kernel, bias)
+    return out[0], ops.stop_gradient(out[1])
