@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+from types import ModuleType
 from typing import Any, NamedTuple
 
 import keras
@@ -38,10 +39,15 @@ class _Spec(NamedTuple):
 
 def _backend() -> Any:
     name = keras.backend.backend()
+    impl: ModuleType
     if name == "tensorflow":
-        from keras_ce_plugin.large_vocab import _tensorflow as impl
+        from keras_ce_plugin.large_vocab import _tensorflow
+
+        impl = _tensorflow
     elif name == "jax":
-        from keras_ce_plugin.large_vocab import _jax as impl
+        from keras_ce_plugin.large_vocab import _jax
+
+        impl = _jax
     else:
         raise NotImplementedError(
             "`linear_ce` needs a custom gradient and in-place buffers, implemented for the "

@@ -68,7 +68,7 @@ def save_checkpoint(
     info = {**meta, "format": _CHECKPOINT_FORMAT, "epoch": epoch, "history": history}
     arrays["meta"] = np.frombuffer(json.dumps(info).encode(), dtype=np.uint8)
     with kio.atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as f:
-        np.savez(f, **arrays)
+        np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as bool
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:

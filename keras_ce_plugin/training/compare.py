@@ -285,12 +285,13 @@ def _summary(
     diffs = compare_histories(c.history, b.history)
     max_diff = {k: max(v) for k, v in diffs.items()}
     worst = max(max_diff.values())
+    base = base_info(config)
     summary = {
         "measured": "per-epoch loss, accuracy, val_loss and val_accuracy of two runs that "
         "differ only in the loss; abs_diff = |custom - builtin|; " + VALIDATION_NOTE,
         "losses": {CUSTOM: label, BUILTIN: BUILTIN_LABEL},
         "weights": "none (random)" if config.random_base else str(config.weights),
-        "base": base_info(config),
+        "base": base,
         "num_train": c.num_train,
         "num_test": c.num_test,
         "epochs": config.epochs,
@@ -316,6 +317,6 @@ def _summary(
         "versions": versions(),
         "arguments": arguments,
     }
-    if summary["base"]["feature_standardization"]:
+    if base["feature_standardization"]:
         summary["drift_note"] = drift_note(summary)
     return summary

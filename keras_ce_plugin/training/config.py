@@ -188,7 +188,7 @@ def base_info(config: TrainConfig) -> dict[str, Any]:
         weights = "imagenet"
         expectation = "the tutorial's setup: a frozen VGG16 base with ImageNet weights"
     else:
-        weights = f"file: {os.fspath(w)}"
+        weights = f"file: {w}"
         expectation = (
             "the tutorial's setup with the VGG16 weights of that file: accuracy depends "
             "on those weights"

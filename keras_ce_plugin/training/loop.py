@@ -159,7 +159,7 @@ def train(
         if use_cache:
             t = time.perf_counter()
             if features is None:
-                features = tuple(
+                f_train, f_test = (
                     extract_features(
                         base,
                         x,
@@ -169,6 +169,7 @@ def train(
                     )
                     for name, x in (("train", x_train), ("test", x_test))
                 )
+                features = (f_train, f_test)
             f_train, f_test = features
             if len(f_train) != len(x_train) or len(f_test) != len(x_test):
                 raise KerasCEError("`features` do not match the images: pass those of this data.")
@@ -214,7 +215,7 @@ def train(
         )
         t = time.perf_counter()
         if config.checkpoint_every or resume is not None or checkpoint_path is not None:
-            history = {k: [] for k in HISTORY_KEYS}
+            history: dict[str, list[float]] = {k: [] for k in HISTORY_KEYS}
             start = 0
             if resume is not None:
                 recorded = resume.meta.get("initial_weights_sha256")
