@@ -100,18 +100,22 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def import_module(spec: str, what: str = "--import") -> ModuleType:
-    """Imports a module by dotted name or by ``.py`` file path; one-line errors."""
+def import_module(spec: str, what: str = "--import", *, where: str | None = None) -> ModuleType:
+    """Imports a module by dotted name or by ``.py`` file path; one-line errors.
+
+    The errors begin with ``where`` (default: ``"{what} {spec}"``).
+    """
+    where = where or f"{what} {spec}"
     if spec.endswith(".py") or "/" in spec or "\\" in spec:
-        return _import_file(Path(spec), f"{what} {spec}")
+        return _import_file(Path(spec), where)
     try:
         return importlib.import_module(spec)
     except ImportError as exc:
         raise KerasCEError(
-            f"{what} {spec}: cannot import {exc.name or spec} ({_one_line(exc)})."
+            f"{where}: cannot import {exc.name or spec} ({_one_line(exc)})."
         ) from None
     except Exception as exc:
-        raise KerasCEError(f"{what} {spec}: importing it failed ({_one_line(exc)}).") from None
+        raise KerasCEError(f"{where}: importing it failed ({_one_line(exc)}).") from None
 
 
 def import_modules(modules: Sequence[str]) -> list[ModuleType]:
@@ -150,17 +154,7 @@ def resolve_loss(target: str, imports: Sequence[str] = (), *, what: str = "--los
     module_spec, _, attr = target.rpartition(":")
     if not module_spec or not attr:
         raise KerasCEError(f"{where}: expected module:Attr or path/to/file.py:Attr.")
-    if module_spec.endswith(".py") or "/" in module_spec:
-        module = _import_file(Path(module_spec), where)
-    else:
-        try:
-            module = importlib.import_module(module_spec)
-        except ImportError as exc:
-            raise KerasCEError(
-                f"{where}: cannot import {exc.name or module_spec} ({_one_line(exc)})."
-            ) from None
-        except Exception as exc:
-            raise KerasCEError(f"{where}: importing it failed ({_one_line(exc)}).") from None
+    module = import_module(module_spec, where=where)
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):

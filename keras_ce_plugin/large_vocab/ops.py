@@ -42,6 +42,38 @@ from keras_ce_plugin.large_vocab._chunked import (
 __all__ = ["fused_linear_ce_sum", "linear_ce"]
 
 
+def _prepare(
+    hidden: Any,
+    kernel: Any,
+    labels: Any,
+    bias: Any,
+    transpose_kernel: bool,
+    ignore_class: int | None,
+    label_smoothing: float,
+    logit_soft_cap: float | None,
+    token_chunk_size: int | None,
+    vocab_chunk_size: int | None,
+    *,
+    fused: bool,
+) -> tuple[Any, Any, Any, Any, Any]:
+    """Validated inputs and the chunking spec shared by both entry points."""
+    hidden, kernel, bias, ignore_class, smoothing = _inputs(
+        hidden, kernel, labels, bias, ignore_class, label_smoothing
+    )
+    spec = _spec(
+        hidden,
+        kernel,
+        bias,
+        transpose_kernel,
+        logit_soft_cap,
+        smoothing,
+        _check_chunk("token_chunk_size", token_chunk_size),
+        _check_chunk("vocab_chunk_size", vocab_chunk_size),
+        fused=fused,
+    )
+    return hidden, kernel, bias, ignore_class, spec
+
+
 def linear_ce(
     hidden: Any,
     kernel: Any,
@@ -78,18 +110,17 @@ def linear_ce(
         float32 per-token losses of shape ``labels``'s (0 where ignored; NaN for labels
         outside ``[0, V)``).
     """
-    hidden, kernel, bias, ignore_class, smoothing = _inputs(
-        hidden, kernel, labels, bias, ignore_class, label_smoothing
-    )
-    spec = _spec(
+    hidden, kernel, bias, ignore_class, spec = _prepare(
         hidden,
         kernel,
+        labels,
         bias,
         transpose_kernel,
+        ignore_class,
+        label_smoothing,
         logit_soft_cap,
-        smoothing,
-        _check_chunk("token_chunk_size", token_chunk_size),
-        _check_chunk("vocab_chunk_size", vocab_chunk_size),
+        token_chunk_size,
+        vocab_chunk_size,
         fused=False,
     )
     impl = _backend()
@@ -158,18 +189,17 @@ def fused_linear_ce_sum(
         raise ValueError(
             f"`strategy` must be 'recompute' or 'in_forward'. Received: strategy={strategy!r}"
         )
-    hidden, kernel, bias, ignore_class, smoothing = _inputs(
-        hidden, kernel, labels, bias, ignore_class, label_smoothing
-    )
-    spec = _spec(
+    hidden, kernel, bias, ignore_class, spec = _prepare(
         hidden,
         kernel,
+        labels,
         bias,
         transpose_kernel,
+        ignore_class,
+        label_smoothing,
         logit_soft_cap,
-        smoothing,
-        _check_chunk("token_chunk_size", token_chunk_size),
-        _check_chunk("vocab_chunk_size", vocab_chunk_size),
+        token_chunk_size,
+        vocab_chunk_size,
         fused=compute_grads and strategy == "in_forward",
     )
     impl = _backend()
