@@ -62,11 +62,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def missing_extra_message(command: str, name: str, extra: str) -> str | None:
-    """The one-line message for a sub-command whose optional dependency is missing."""
+def missing_extra_message(command: str, name: str, extra: str | None) -> str | None:
+    """The one-line message for a sub-command whose optional dependency is missing.
+
+    ``extra`` is the extra that installs it; ``None`` for a command of the core
+    install, whose missing module is then named alone.
+
+    >>> missing_extra_message("export", "tf2onnx.convert", "export")
+    "`keras-ce export` needs tf2onnx, which is not installed. Install the [export] extra: pip install 'keras-ce-plugin[export]'"
+    >>> missing_extra_message("check-loss", "jax", None)
+    '`keras-ce check-loss` needs jax, which is not installed: pip install jax'
+    """
     name = name.split(".")[0]
     if not name or name == "keras_ce_plugin":
         return None
+    if extra is None:
+        return f"`keras-ce {command}` needs {name}, which is not installed: pip install {name}"
     return (
         f"`keras-ce {command}` needs {name}, which is not installed. Install the "
         f"[{extra}] extra: pip install 'keras-ce-plugin[{extra}]'"

@@ -7,7 +7,7 @@ import json
 
 from keras_ce_plugin.cli._args import add_import_flag
 
-EXTRA = "core"
+EXTRA = None  # the core install: no extra to name
 EXIT_FAILED_CHECKS = 1
 
 
