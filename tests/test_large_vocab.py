@@ -2,8 +2,8 @@
 
 Oracles: a float64 NumPy reference written here (independent of the code under
 test) and Keras' built-ins on materialised logits. Backend-neutral: runs on
-TensorFlow in-process and re-runs itself under ``KERAS_BACKEND=jax`` in a
-subprocess (``test_jax_backend_subprocess``).
+TensorFlow in-process and re-runs itself under ``KERAS_BACKEND=jax`` and
+``KERAS_BACKEND=torch`` in subprocesses (``test_other_backend_subprocess``).
 """
 
 from __future__ import annotations
@@ -69,6 +69,15 @@ def value_and_grads(fn, *args):
         with tf.GradientTape() as tape:
             val = fn(*xs)
         return np.asarray(val), [np.asarray(g) for g in tape.gradient(val, xs)]
+    if BACKEND == "torch":
+        import torch
+
+        xs = [torch.as_tensor(np.asarray(a) if isinstance(a, np.ndarray) else a) for a in args]
+        xs = [x.detach().clone().requires_grad_(True) for x in xs]
+        val = fn(*xs)
+        grads = torch.autograd.grad(val, xs)
+        # Detached tensors: np.asarray reads float32 ones; bfloat16 has no NumPy twin.
+        return np.asarray(val.detach()), [g.detach() for g in grads]
     import jax
 
     val, grads = jax.value_and_grad(lambda *a: fn(*a), argnums=tuple(range(len(args))))(*args)
@@ -124,7 +133,7 @@ def test_linear_ce_matches_reference_and_keras(rng, layout):
     assert rel_err(per_token, loss) <= RTOL
 
     def ours(hh, kk, *bb):
-        return ops.sum(linear_ce(hh, kk, y, bias=bb[0] if bb else None, **kw) * w)
+        return ops.sum(ops.multiply(linear_ce(hh, kk, y, bias=bb[0] if bb else None, **kw), w))
 
     def fused(hh, kk, *bb):
         return fused_linear_ce_sum(hh, kk, y, w, bias=bb[0] if bb else None, **kw)[0]
@@ -181,7 +190,10 @@ def test_options_match_reference(rng, options, strategy):
         if ignore is not None:
             assert np.all(per_token[y == ignore] == 0.0)
         val, grads = value_and_grads(
-            lambda hh, kk, bb: ops.sum(linear_ce(hh, kk, y, bias=bb, **kw) * w), h, k, b
+            lambda hh, kk, bb: ops.sum(ops.multiply(linear_ce(hh, kk, y, bias=bb, **kw), w)),
+            h,
+            k,
+            b,
         )
     assert rel_err(val, (loss * w).sum()) <= RTOL
     for g, e in zip(grads, (dh, dk, db)):
@@ -391,12 +403,13 @@ print("OK")
 
 
 @pytest.mark.slow
-def test_jax_backend_subprocess():
-    """This file's backend-neutral tests, again under KERAS_BACKEND=jax."""
-    pytest.importorskip("jax")
+@pytest.mark.parametrize("other", ["jax", "torch"])
+def test_other_backend_subprocess(other):
+    """This file's backend-neutral tests, again under another backend in a fresh process."""
+    pytest.importorskip(other)
     if BACKEND != "tensorflow":
         pytest.skip("already on another backend")
-    env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env = {**os.environ, "KERAS_BACKEND": other, "TF_CPP_MIN_LOG_LEVEL": "3"}
     proc = subprocess.run(
         [
             sys.executable,
@@ -410,9 +423,9 @@ def test_jax_backend_subprocess():
             "addopts=",
             "tests/test_large_vocab.py",
             "-k",
-            # The JAX run covers every function once; the strategy and head variants
-            # (same code paths) run on TensorFlow only, to keep CI within its time.
-            "not fresh_process and not jax_backend and not (options and (recompute or "
+            # The other backends cover every function once; the strategy and head
+            # variants (same code paths) run on TensorFlow only, to keep CI within its time.
+            "not fresh_process and not other_backend and not (options and (recompute or "
             "in_forward)) and not (model_fit and (untied or dense))",
         ],
         cwd=REPO,
@@ -422,6 +435,7 @@ def test_jax_backend_subprocess():
         timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and " failed" not in proc.stdout, proc.stdout[-3000:]
 
 
 def test_package_imports_without_tensorflow():

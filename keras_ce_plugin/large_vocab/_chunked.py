@@ -3,7 +3,7 @@
 Validation, the per-chunk elementwise kernels (online log-sum-exp, logits gradient),
 the token loop of the forward pass and of the gradient pass, and the row sorting
 that skips ignored tokens. Backend specifics (in-place buffers, matmuls with
-transposed operands, XLA fusion) come from ``_tensorflow``/``_jax``, imported on
+transposed operands, XLA fusion) come from ``_tensorflow``/``_jax``/``_torch``, imported on
 first use only.
 """
 
@@ -48,10 +48,14 @@ def _backend() -> Any:
         from keras_ce_plugin.large_vocab import _jax
 
         impl = _jax
+    elif name == "torch":
+        from keras_ce_plugin.large_vocab import _torch
+
+        impl = _torch
     else:
         raise NotImplementedError(
             "`linear_ce` needs a custom gradient and in-place buffers, implemented for the "
-            f"TensorFlow and JAX backends. Received: backend={name!r}"
+            f"TensorFlow, JAX and torch backends. Received: backend={name!r}"
         )
     return impl
 

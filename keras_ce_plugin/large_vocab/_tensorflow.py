@@ -17,6 +17,9 @@ from typing import Any
 
 import numpy as np
 import tensorflow as tf
+from keras import ops
+
+custom_gradient = ops.custom_gradient
 
 
 def _in_xla() -> bool:

@@ -150,9 +150,9 @@ def linear_ce(
         return loss, grad
 
     if bias is None:
-        loss = ops.custom_gradient(lambda h, k: run(h, k, None))(hidden, kernel)
+        loss = impl.custom_gradient(lambda h, k: run(h, k, None))(hidden, kernel)
     else:
-        loss = ops.custom_gradient(run)(hidden, kernel, bias)
+        loss = impl.custom_gradient(run)(hidden, kernel, bias)
     nan_or_zero = ops.where(in_range, 0.0, float("nan"))
     if keep is not None:
         nan_or_zero = ops.where(keep, nan_or_zero, 0.0)
@@ -252,7 +252,7 @@ def fused_linear_ce_sum(
         return (total, correct), grad_in_forward
 
     if bias is None:
-        out = ops.custom_gradient(lambda h, k: run(h, k, None))(hidden, kernel)
+        out = impl.custom_gradient(lambda h, k: run(h, k, None))(hidden, kernel)
     else:
-        out = ops.custom_gradient(run)(hidden, kernel, bias)
+        out = impl.custom_gradient(run)(hidden, kernel, bias)
     return out[0], ops.stop_gradient(out[1])
