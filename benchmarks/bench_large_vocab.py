@@ -18,9 +18,9 @@ own peak above the inputs, the weights and one set of gradients. On TensorFlow t
 is the CPU allocator's high-water mark (``tf.config.experimental.get_memory_info``)
 minus its current use with inputs, weights and the previous step's gradients
 alive, which are then released before the measured step (TensorFlow keeps freed
-memory pooled, so its RSS cannot show a step's peak). On JAX it is the RSS
+memory pooled, so its RSS cannot show a step's peak). On JAX and torch it is the RSS
 high-water mark (``/proc/self/clear_refs`` reset) of the first run after
-compilation minus the RSS with inputs, weights and gradient-sized buffers alive
+compilation (on torch, after a warm-up run) minus the RSS with inputs, weights and gradient-sized buffers alive
 (released before the run; glibc returns big buffers at once through
 ``MALLOC_MMAP_THRESHOLD_``).
 
@@ -28,6 +28,7 @@ compilation minus the RSS with inputs, weights and gradient-sized buffers alive
     python benchmarks/bench_large_vocab.py --quick               # N=4096, d=512, V=32768
     python benchmarks/bench_large_vocab.py --cases 512x131072 --methods naive,fused
     python benchmarks/bench_large_vocab.py --backend jax --quick
+    python benchmarks/bench_large_vocab.py --backend torch --quick
 
 Goals (issue 15), at V=131072: the loss's peak <= 10% of naive's, time <= 1.1x naive.
 """
@@ -111,6 +112,18 @@ def _child(args: argparse.Namespace) -> None:
             float(value)
             return grads
 
+    elif keras.backend.backend() == "torch":
+        import torch
+
+        leaves = [x.detach() for x in (h, dense.kernel.value, dense.bias.value)]
+
+        def run():
+            xs = [x.requires_grad_(True) for x in leaves]
+            value = loss_of(*xs)
+            grads = torch.autograd.grad(value, xs)
+            float(value)
+            return grads
+
     else:
         import jax
 
@@ -133,8 +146,11 @@ def _child(args: argparse.Namespace) -> None:
         grads = run()
         peak = tf.config.experimental.get_memory_info("CPU:0")["peak"] - base
     else:
-        fn = fn.lower(h, kernel, bias).compile()  # noqa: F821 - compile memory not counted
-        spare = [np.ones(x.shape, "float32") for x in (h, kernel, bias)]  # gradient-sized
+        if keras.backend.backend() == "jax":
+            fn = fn.lower(h, kernel, bias).compile()  # noqa: F821 - compile memory not counted
+        else:
+            run()  # warm-up
+        spare = [np.ones(x.shape, "float32") for x in (h, dense.kernel, dense.bias)]
         gc.collect()
         base = _status_kib("VmRSS") * 1024
         del spare
@@ -193,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--backend", default="tensorflow", choices=["tensorflow", "jax"])
+    p.add_argument("--backend", default="tensorflow", choices=["tensorflow", "jax", "torch"])
     p.add_argument("--token-chunk", type=int, default=None)
     p.add_argument("--vocab-chunk", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="only d=512, V=32768")

@@ -19,8 +19,8 @@ from keras import ops
 
 from keras_ce_plugin.losses import _check_ignore_class, _check_label_smoothing
 
-DEFAULT_TOKEN_CHUNK = 1024
-DEFAULT_VOCAB_CHUNK = 2048
+DEFAULT_TOKEN_CHUNK = 4096
+DEFAULT_VOCAB_CHUNK = 1024
 # Gradient-in-forward keeps `token_chunk x V` logits: the token chunk is sized so
 # that this row stays within this many float32 elements.
 FUSED_ROW_ELEMENTS = 1 << 23
@@ -106,7 +106,7 @@ def _spec(hidden, kernel, bias, transpose, cap, smoothing, tn, tv, fused) -> _Sp
         tn = (
             max(16, min(DEFAULT_TOKEN_CHUNK, FUSED_ROW_ELEMENTS // vocab))
             if fused
-            else (DEFAULT_TOKEN_CHUNK)
+            else DEFAULT_TOKEN_CHUNK
         )
     if rows is not None:  # no chunk larger than the (static) number of tokens
         tn = max(1, min(tn, rows))
