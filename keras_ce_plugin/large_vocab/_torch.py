@@ -77,14 +77,14 @@ def scale(g: Any, factor: Any) -> Any:
 
 class _Function(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, fn: Any, *args: Any) -> Any:  # type: ignore[override]
+    def forward(ctx: Any, fn: Any, *args: Any) -> Any:
         out, ctx.grad_fn = fn(*args)
         if isinstance(out, tuple):  # (value, non-differentiable extras...)
             ctx.mark_non_differentiable(*out[1:])
         return out
 
     @staticmethod
-    def backward(ctx: Any, *upstream: Any) -> Any:  # type: ignore[override]
+    def backward(ctx: Any, *upstream: Any) -> Any:
         grads = ctx.grad_fn(upstream=upstream[0])
         ctx.grad_fn = None  # release the forward pass's saved state
         return (None, *grads)
