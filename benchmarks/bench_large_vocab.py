@@ -18,11 +18,11 @@ own peak above the inputs, the weights and one set of gradients. On TensorFlow t
 is the CPU allocator's high-water mark (``tf.config.experimental.get_memory_info``)
 minus its current use with inputs, weights and the previous step's gradients
 alive, which are then released before the measured step (TensorFlow keeps freed
-memory pooled, so its RSS cannot show a step's peak). On JAX and torch it is the RSS
-high-water mark (``/proc/self/clear_refs`` reset) of the first run after
-compilation (on torch, after a warm-up run) minus the RSS with inputs, weights and gradient-sized buffers alive
-(released before the run; glibc returns big buffers at once through
-``MALLOC_MMAP_THRESHOLD_``).
+memory pooled, so its RSS cannot show a step's peak). On JAX and torch it is the
+RSS high-water mark (``/proc/self/clear_refs`` reset) of the first run after
+compilation (on torch, after a warm-up run) minus the RSS with inputs, weights and
+gradient-sized buffers alive (released before the run; glibc returns big buffers at
+once through ``MALLOC_MMAP_THRESHOLD_``).
 
     python benchmarks/bench_large_vocab.py                       # the 4 cases
     python benchmarks/bench_large_vocab.py --quick               # N=4096, d=512, V=32768

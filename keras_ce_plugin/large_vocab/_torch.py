@@ -1,8 +1,9 @@
 """PyTorch pieces of the chunked linear cross-entropy.
 
 Imported only when the Keras backend is torch. Eager execution frees each chunk as
-soon as it is consumed, and the buffers are written in place (``torch.no_grad``
-inside the ``autograd.Function``), so no ordering or fusion tricks are needed.
+soon as it is consumed, and the buffers are written in place (an
+``autograd.Function`` runs its passes without recording them), so no ordering or
+fusion tricks are needed.
 
 The custom gradient is a ``torch.autograd.Function`` of our own rather than
 ``keras.ops.custom_gradient``: Keras' torch version accepts a single output
@@ -85,9 +86,7 @@ class _Function(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *upstream: Any) -> Any:
-        grads = ctx.grad_fn(upstream=upstream[0])
-        ctx.grad_fn = None  # release the forward pass's saved state
-        return (None, *grads)
+        return (None, *ctx.grad_fn(upstream=upstream[0]))
 
 
 def custom_gradient(fn: Any) -> Any:
