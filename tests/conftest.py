@@ -62,3 +62,41 @@ def run_python(code: str, *, cwd: Path | None = None, env: dict | None = None, t
         f"subprocess failed ({proc.returncode}):\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr}"
     )
     return proc
+
+
+_BACKEND_EXTRAS = {
+    "jax": "extra [jax], part of [dev]",
+    "torch": 'extra [torch]: pip install -e ".[torch]"',
+}
+
+
+def require_backend(name: str) -> None:
+    """Skips where the Keras backend ``name`` is not installed; in CI (``$CI`` set) fails."""
+    try:
+        __import__(name)
+    except ImportError:
+        message = f"{name} is not installed ({_BACKEND_EXTRAS[name]})"
+        if os.environ.get("CI"):
+            pytest.fail(f"{message}; .ci/run installs it")
+        pytest.skip(message)
+
+
+def run_pytest(*args: str, backend: str, timeout: int = 1200) -> str:
+    """Runs ``pytest args`` in a fresh process under ``KERAS_BACKEND=backend``.
+
+    The README's options (``addopts``: doctests, workers) are left out. Fails unless
+    the run passes with at least one test passed; returns its summary line.
+    """
+    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    summary = proc.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "failed" not in summary, summary
+    return summary

@@ -13,11 +13,9 @@ skip with a reason.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO
+from conftest import require_backend, run_pytest
 
 BACKEND_NEUTRAL = [
     "tests/test_losses.py",
@@ -28,42 +26,10 @@ BACKEND_NEUTRAL = [
 ]
 
 
-EXTRAS = {"jax": "extra [jax], part of [dev]", "torch": 'extra [torch]: pip install -e ".[torch]"'}
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_backend_neutral_tests_pass_on(backend):
-    try:
-        __import__(backend)
-    except ImportError:
-        message = f"{backend} is not installed ({EXTRAS[backend]})"
-        if os.environ.get("CI"):
-            pytest.fail(f"{message}; .ci/run installs it")
-        pytest.skip(message)
+    require_backend(backend)
     if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
         pytest.skip("already running on a non-TensorFlow backend")
-    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:doctest",
-            "-o",
-            "addopts=",
-            *BACKEND_NEUTRAL,
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    tail = proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert proc.returncode == 0, tail
-    summary = proc.stdout.strip().splitlines()[-1]
-    assert " passed" in summary and "failed" not in summary, summary
-    print(summary)
+    print(run_pytest("-p", "no:doctest", *BACKEND_NEUTRAL, backend=backend))

@@ -9,14 +9,11 @@ TensorFlow in-process and re-runs itself under ``KERAS_BACKEND=jax`` and
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
 import pytest
-from conftest import REPO, run_python
+from conftest import REPO, require_backend, run_pytest, run_python
 from keras import ops
 
 from keras_ce_plugin.large_vocab import (
@@ -406,36 +403,20 @@ print("OK")
 @pytest.mark.parametrize("other", ["jax", "torch"])
 def test_other_backend_subprocess(other):
     """This file's backend-neutral tests, again under another backend in a fresh process."""
-    pytest.importorskip(other)
+    require_backend(other)
     if BACKEND != "tensorflow":
         pytest.skip("already on another backend")
-    env = {**os.environ, "KERAS_BACKEND": other, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-x",
-            "-p",
-            "no:cacheprovider",
-            "-o",
-            "addopts=",
-            "tests/test_large_vocab.py",
-            "-k",
-            # The other backends cover every function once; the strategy and head
-            # variants (same code paths) run on TensorFlow only, to keep CI within its time.
-            "not fresh_process and not other_backend and not (options and (recompute or "
-            "in_forward)) and not (model_fit and (untied or dense))",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
+    run_pytest(
+        "-x",
+        "tests/test_large_vocab.py",
+        "-k",
+        # The other backends cover every function once; the strategy and head
+        # variants (same code paths) run on TensorFlow only, to keep CI within its time.
+        "not fresh_process and not other_backend and not (options and (recompute or "
+        "in_forward)) and not (model_fit and (untied or dense))",
+        backend=other,
         timeout=900,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout and " failed" not in proc.stdout, proc.stdout[-3000:]
 
 
 def test_package_imports_without_tensorflow():
