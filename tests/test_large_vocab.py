@@ -69,7 +69,7 @@ def value_and_grads(fn, *args):
     if BACKEND == "torch":
         import torch
 
-        xs = [torch.as_tensor(np.asarray(a) if isinstance(a, np.ndarray) else a) for a in args]
+        xs = [torch.as_tensor(a) for a in args]
         xs = [x.detach().clone().requires_grad_(True) for x in xs]
         val = fn(*xs)
         grads = torch.autograd.grad(val, xs)
