@@ -64,14 +64,29 @@ def _axes(mesh: Any, axes: Any, exclude: Any = None) -> Any:
     return names[0] if len(names) == 1 else names
 
 
-def _concrete_sharding(x: Any) -> Any:
+def _explicit(mesh: Any) -> bool:
+    return any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+
+
+def _own_sharding(x: Any) -> Any:
+    """The ``NamedSharding`` of a concrete array, or of a traced one on an explicit mesh."""
     if isinstance(x, keras.Variable):
         x = x.value
-    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
-        sharding = x.sharding
-        if isinstance(sharding, NamedSharding):
+    if isinstance(x, jax.core.Tracer):
+        sharding = getattr(jax.typeof(x), "sharding", None)
+        if isinstance(sharding, NamedSharding) and _explicit(sharding.mesh):
             return sharding
+    elif isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding):
+        return x.sharding
     return None
+
+
+def _place(x: Any, mesh: Any, spec: Any) -> Any:
+    """``x`` laid out as ``spec`` (moved eagerly; a constraint under ``jit``)."""
+    target = NamedSharding(mesh, spec)
+    if _explicit(mesh):
+        return jax.sharding.reshard(x, target)
+    return jax.lax.with_sharding_constraint(x, target)
 
 
 def find_plan(hidden: Any, kernel: Any, spec: _Spec) -> Plan | None:
@@ -84,7 +99,7 @@ def find_plan(hidden: Any, kernel: Any, spec: _Spec) -> Plan | None:
     """
     vdim = 0 if spec.transpose else 1
     dist = keras.distribution.distribution()
-    own = _concrete_sharding(kernel)
+    own = _own_sharding(kernel)
     if dist is not None and isinstance(kernel, keras.Variable):
         mesh = dist.device_mesh.backend_mesh
         vocab = dist.get_variable_layout(kernel).axes[vdim]
@@ -92,7 +107,7 @@ def find_plan(hidden: Any, kernel: Any, spec: _Spec) -> Plan | None:
     elif own is not None:
         mesh = own.mesh
         vocab = own.spec[vdim] if len(own.spec) > vdim else None
-        data = _concrete_sharding(hidden)
+        data = _own_sharding(hidden)
         tokens = data.spec[0] if data is not None and data.mesh == mesh and data.spec else None
     elif dist is not None:  # a tensor under a distribution: the batch is sharded
         mesh, vocab, tokens = dist.device_mesh.backend_mesh, None, dist.batch_dim_name
@@ -214,9 +229,14 @@ def loss_and_argmax(plan: Plan, hidden: Any, kernel: Any, bias: Any, labels: Any
     has_bias = bias is not None
 
     def smap(fn, in_specs, out_specs):
-        return jax.shard_map(
+        run = jax.shard_map(
             fn, mesh=plan.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
         )
+
+        def placed(*args):  # arrays placed otherwise are moved first
+            return run(*(_place(a, plan.mesh, s) for a, s in zip(args, in_specs)))
+
+        return placed
 
     def forward(h, k, b, lab):
         run = smap(
