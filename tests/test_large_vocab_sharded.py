@@ -10,7 +10,6 @@ issue asks for both to agree to 1e-5). The compiled HLO is read for collectives.
 from __future__ import annotations
 
 import os
-import re
 
 import keras
 import numpy as np
@@ -19,16 +18,13 @@ from conftest import require_backend, run_pytest
 from test_large_vocab import reference
 
 from keras_ce_plugin.large_vocab import LinearCE, LinearCEModel, linear_ce
+from keras_ce_plugin.large_vocab._sharded import collectives
 
 BACKEND = keras.backend.backend()
 FLAG = "KERAS_CE_EIGHT_DEVICES"
 # float32 sums in another order (per device, then across devices) than the
 # float64 reference: the issue's 1e-5, relative to the largest entry.
 TOL = 1e-5
-_SIZES = {"f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "pred": 1, "f64": 8, "s64": 8}
-_COLLECTIVE = re.compile(
-    r"= (.*?) (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?\("
-)
 
 
 def _eight_devices() -> None:
@@ -38,19 +34,6 @@ def _eight_devices() -> None:
     import jax
 
     assert BACKEND == "jax" and jax.device_count() == 8, (BACKEND, jax.devices())
-
-
-def collectives(hlo: str) -> list[tuple[str, int]]:
-    """(kind, bytes of the result) of each collective in compiled HLO text."""
-    found = []
-    for shapes, kind in _COLLECTIVE.findall(hlo):
-        size = sum(
-            _SIZES[t] * int(np.prod([int(x) for x in dims.split(",") if x]))
-            for t, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", shapes)
-            if t in _SIZES
-        )
-        found.append((kind, size))
-    return found
 
 
 def distribution(shape, kernel_axes):

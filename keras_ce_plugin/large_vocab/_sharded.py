@@ -9,9 +9,17 @@ JAX backend only). On the other backends, and on one device, :func:`plan` return
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Any
 
 import keras
+
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "f32": 4, "s32": 4, "u32": 4}
+_BYTES.update({"f64": 8, "s64": 8, "u64": 8})
+_COLLECTIVE = re.compile(
+    r"= (.*?) (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?\("
+)
 
 
 def plan(hidden: Any, kernel: Any, spec: Any) -> Any:
@@ -56,3 +64,21 @@ def fused_sum(
     total = ops.sum(ops.where(active, weights * loss, 0.0))
     hit = ops.logical_and(active, ops.equal(amax, labels))
     return total, ops.stop_gradient(ops.cast(hit, "float32"))
+
+
+def collectives(hlo_text: str) -> list[tuple[str, int]]:
+    """``(kind, bytes of the result)`` of each collective in compiled HLO text.
+
+    What the tests and ``benchmarks/bench_sharded.py`` read from
+    ``jax.jit(f).lower(...).compile().as_text()`` (per device, as XLA's SPMD
+    programs are).
+    """
+    found = []
+    for shapes, kind in _COLLECTIVE.findall(hlo_text):
+        size = sum(
+            _BYTES[t] * math.prod(int(x) for x in dims.split(",") if x)
+            for t, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", shapes)
+            if t in _BYTES
+        )
+        found.append((kind, size))
+    return found
