@@ -29,8 +29,6 @@ from jax.sharding import PartitionSpec as P
 
 from keras_ce_plugin.large_vocab import _jax as impl
 from keras_ce_plugin.large_vocab._chunked import (
-    _block,
-    _chunks,
     _elementwise,
     _init_state,
     _matmul,
@@ -140,24 +138,62 @@ def _offset(plan: Plan, cols: int) -> Any:
     return jax.lax.axis_index(plan.vocab).astype(jnp.int32) * cols
 
 
-def _local_forward(plan: Plan, spec: _Spec, h, k, b, lab):
-    """Per-device: the online state over the local columns, combined across ``vocab``."""
+def _vocab_loop(local: _Spec, k, b, carry, step):
+    """``carry = step(carry, w, bias, c0)`` over the local vocabulary chunks, in turn.
+
+    A ``fori_loop`` (the last, narrower chunk after it): one chunk's logits are
+    alive at a time. Unrolled chunks would let XLA run them all at once.
+    """
+    axis = 0 if local.transpose else 1
+    full = local.vocab // local.tv
+
+    def chunk(c0, width):
+        w = jax.lax.dynamic_slice_in_dim(k, c0, width, axis).astype(jnp.float32)
+        if b is None:
+            return w, jnp.zeros((1,), jnp.float32)
+        return w, jax.lax.dynamic_slice_in_dim(b, c0, width).astype(jnp.float32)
+
+    def body(j, c):
+        c0 = (j * local.tv).astype(jnp.int32)
+        return step(c, *chunk(c0, local.tv), c0)
+
+    carry = jax.lax.fori_loop(0, full, body, carry)
+    if local.vocab % local.tv:
+        c0 = jnp.int32(full * local.tv)
+        carry = step(carry, *chunk(c0, local.vocab - full * local.tv), c0)
+    return carry
+
+
+def _add_at(buf, block, start, axis: int):
+    """``buf[start:start + len] += block`` along ``axis`` (in place under ``jit``)."""
+    size = block.shape[axis]
+    now = jax.lax.dynamic_slice_in_dim(buf, start, size, axis)
+    return jax.lax.dynamic_update_slice_in_dim(buf, now + block, start, axis)
+
+
+def _setup(plan: Plan, spec: _Spec, h, k, b, lab):
     n, cols = h.shape[0], (k.shape[0] if spec.transpose else k.shape[1])
     local = _local_spec(spec, n, cols)
-    fold, _ = _elementwise("jax", spec.cap, spec.smoothing, spec.vocab, b is not None)
-    tn, n_chunks = local.tn, -(-n // local.tn)
+    kernels = _elementwise("jax", spec.cap, spec.smoothing, spec.vocab, b is not None)
+    n_chunks = -(-n // local.tn)
     lab = lab - _offset(plan, cols)  # labels of other shards match no local column
-    hp, lp = _pad_rows(h, n_chunks * tn), _pad_rows(lab, n_chunks * tn)
+    return n, cols, local, kernels, n_chunks, _pad_rows(lab, n_chunks * local.tn)
+
+
+def _local_forward(plan: Plan, spec: _Spec, h, k, b, lab):
+    """Per-device: the online state over the local columns, combined across ``vocab``."""
+    n, cols, local, (fold, _), n_chunks, lp = _setup(plan, spec, h, k, b, lab)
+    tn = local.tn
+    hp = _pad_rows(h, n_chunks * tn)
 
     def body(i, bufs):
         hi = jax.lax.dynamic_slice_in_dim(hp, i * tn, tn).astype(jnp.float32)
         li = jax.lax.dynamic_slice_in_dim(lp, i * tn, tn)
-        state = _init_state(tn)
-        for c0, c1 in _chunks(local):
-            z = _matmul(impl, hi, _block(k, c0, c1, local), local)
-            bias = jnp.zeros((1,), jnp.float32) if b is None else b[c0:c1].astype(jnp.float32)
-            state = fold(z, bias, li, jnp.int32(c0), *state)
-        m, total, tgt, ssum, amax = state
+
+        def step(state, w, bias, c0):
+            return fold(_matmul(impl, hi, w, local), bias, li, c0, *state)
+
+        m, total, tgt, ssum, amax = _vocab_loop(local, k, b, _init_state(tn), step)
         lin = (1.0 - spec.smoothing) * tgt
         if spec.smoothing:
             lin = lin + (spec.smoothing / spec.vocab) * ssum
@@ -177,29 +213,27 @@ def _local_forward(plan: Plan, spec: _Spec, h, k, b, lab):
 
 def _local_backward(plan: Plan, spec: _Spec, h, k, b, lab, lse, up):
     """Per-device: d(sum(up * loss)) w.r.t. the local rows, kernel shard and bias shard."""
-    n, cols = h.shape[0], (k.shape[0] if spec.transpose else k.shape[1])
-    local = _local_spec(spec, n, cols)
-    _, dlogits = _elementwise("jax", spec.cap, spec.smoothing, spec.vocab, b is not None)
-    tn, n_chunks = local.tn, -(-n // local.tn)
-    lab = lab - _offset(plan, cols)
-    hp, lp = _pad_rows(h, n_chunks * tn), _pad_rows(lab, n_chunks * tn)
-    sp, up = _pad_rows(lse, n_chunks * tn), _pad_rows(up.astype(jnp.float32), n_chunks * tn)
+    n, cols, local, (_, dlogits), n_chunks, lp = _setup(plan, spec, h, k, b, lab)
+    tn = local.tn
+    hp, sp = _pad_rows(h, n_chunks * tn), _pad_rows(lse, n_chunks * tn)
+    up = _pad_rows(up.astype(jnp.float32), n_chunks * tn)
+    k_axis = 0 if spec.transpose else 1
 
     def body(i, bufs):
         dh_b, dk, db = bufs
         hi = jax.lax.dynamic_slice_in_dim(hp, i * tn, tn).astype(jnp.float32)
         li, si, ui = (jax.lax.dynamic_slice_in_dim(x, i * tn, tn) for x in (lp, sp, up))
-        dh = jnp.zeros((tn, spec.dim), jnp.float32)
-        for c0, c1 in _chunks(local):
-            w = _block(k, c0, c1, local)
-            z = _matmul(impl, hi, w, local)
-            bias = jnp.zeros((1,), jnp.float32) if b is None else b[c0:c1].astype(jnp.float32)
-            g, g_sum = dlogits(z, bias, li, jnp.int32(c0), si, ui)
+
+        def step(carry, w, bias, c0):
+            dh, dk, db = carry
+            g, g_sum = dlogits(_matmul(impl, hi, w, local), bias, li, c0, si, ui)
             dh = dh + (jnp.matmul(g, w) if spec.transpose else impl.mm_nt(g, w))
             blk = impl.mm_tn(g, hi) if spec.transpose else impl.mm_tn(hi, g)
-            dk = impl.add_kernel_grad(dk, blk, c0, spec.dim, cols, local.tv, spec.transpose)
-            if b is not None:
-                db = db.at[c0:c1].add(g_sum)
+            db = _add_at(db, g_sum, c0, 0) if b is not None else db
+            return dh, _add_at(dk, blk, c0, k_axis), db
+
+        dh = jnp.zeros((tn, spec.dim), jnp.float32)
+        dh, dk, db = _vocab_loop(local, k, b, (dh, dk, db), step)
         return impl.set_row(dh_b, i, dh), dk, db
 
     init = (
