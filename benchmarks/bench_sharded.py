@@ -80,7 +80,11 @@ def _step(method: str, shape, n: int, d: int, v: int):
     return step, (h, kv.value)
 
 
-def _memory(step, args) -> tuple[float, float, int]:
+def _memory(step, args, rows: int) -> tuple[float, float, int, int]:
+    """Peak and temporaries (MiB), bytes of all collectives and of the per-token ones.
+
+    Per-token: results of at most 8 bytes per token of the device (``rows``).
+    """
     from keras_ce_plugin.large_vocab._sharded import collectives
 
     compiled = step.lower(*args).compile()
@@ -91,8 +95,13 @@ def _memory(step, args) -> tuple[float, float, int]:
         + m.temp_size_in_bytes
         - m.alias_size_in_bytes
     )
-    sent = sum(size for _, size in collectives(compiled.as_text()))
-    return peak / MIB, m.temp_size_in_bytes / MIB, sent
+    found = [size for _, size in collectives(compiled.as_text())]
+    return (
+        peak / MIB,
+        m.temp_size_in_bytes / MIB,
+        sum(found),
+        sum(s for s in found if s <= 8 * rows),
+    )
 
 
 def _time(step, args, repeats: int) -> float:
@@ -110,31 +119,34 @@ def _time(step, args, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", default="4096x512x131072", help="N x d x V (memory, bytes)")
-    parser.add_argument("--time-case", default="1024x256x32768", help="N x d x V (time)")
+    parser.add_argument("--time-case", default="1024x256x32768", help="N x d x V (time), or none")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--methods", default="naive,linear_ce")
     args = parser.parse_args()
     methods = args.methods.split(",")
-    big, small = _case(args.case), _case(args.time_case)
+    big = _case(args.case)
+    small = _case(args.time_case) if args.time_case != "none" else big
     n, d, v = big
     print(f"memory case N={n} d={d} V={v}: kernel {d * v * 4 / MIB:.0f} MiB, 1/8 of it ")
     print(f"{d * v * 4 / 8 / MIB:.0f} MiB; time case {args.time_case}; load {os.getloadavg()}")
-    base = _time(*_step("linear_ce", None, *small), args.repeats)
+    timed = args.time_case != "none"
+    base = _time(*_step("linear_ce", None, *small), args.repeats) if timed else 1.0
     rows = []
     for shape in MESHES:
         for method in methods:
-            peak, temp, sent = _memory(*_step(method, shape, *big))
-            seconds = _time(*_step(method, shape, *small), args.repeats)
-            rows.append((shape, method, peak, temp, sent, seconds / base))
+            peak, temp, sent, per_token = _memory(*_step(method, shape, *big), n // shape[0])
+            seconds = _time(*_step(method, shape, *small), args.repeats) if timed else float("nan")
+            rows.append((shape, method, peak, temp, sent, per_token, seconds / base))
             print(f"  {shape} {method}: done, load {os.getloadavg()[0]:.1f}", flush=True)
     print(f"\none device, linear_ce, time case: {base:.3f} s")
     print("| mesh (batch, model) | loss | per-device peak (MiB) | of it temporaries (MiB) "
-          "| collectives per device and step | x single-device time |")  # fmt: skip
-    print("|---|---|---:|---:|---:|---:|")
-    for shape, method, peak, temp, sent, ratio in rows:
+          "| collectives per device and step (MiB) | of them per-token (KiB) "
+          "| x single-device time |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for shape, method, peak, temp, sent, per_token, ratio in rows:
         print(
             f"| {shape[0]} x {shape[1]} | `{method}` | {peak:.0f} | {temp:.0f} "
-            f"| {sent / MIB:.2f} MiB | {ratio:.2f} |"
+            f"| {sent / MIB:.2f} | {per_token / 1024:.0f} | {ratio:.2f} |"
         )
     print(f"load after: {os.getloadavg()}")
 
