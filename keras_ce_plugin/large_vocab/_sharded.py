@@ -52,8 +52,9 @@ def fused_sum(
     weights: Any,
     spec: Any,
     compute_grads: bool,
-) -> tuple[Any, Any]:
-    """``sum(weights * loss)`` over the active tokens and the per-token correctness."""
+) -> tuple[Any, Any, Any]:
+    """``sum(weights * loss)`` over the active tokens, the per-token correctness and the
+    per-token losses (no gradient; 0 on inactive tokens)."""
     from keras import ops
 
     from keras_ce_plugin.large_vocab import _sharded_jax
@@ -63,7 +64,8 @@ def fused_sum(
         loss = ops.stop_gradient(loss)
     total = ops.sum(ops.where(active, weights * loss, 0.0))
     hit = ops.logical_and(active, ops.equal(amax, labels))
-    return total, ops.stop_gradient(ops.cast(hit, "float32"))
+    per_token = ops.stop_gradient(ops.where(active, loss, 0.0))
+    return total, ops.stop_gradient(ops.cast(hit, "float32")), per_token
 
 
 def collectives(hlo_text: str) -> list[tuple[str, int]]:

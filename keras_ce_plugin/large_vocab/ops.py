@@ -259,8 +259,8 @@ def fused_linear_ce_parts(
     nan_term = ops.sum(ops.where(nan_rows, float("nan"), 0.0))
     if plan is not None:  # sharded over a device mesh: _sharded
         args = (plan, hidden, kernel, bias, safe, active, u, spec, compute_grads)
-        total, correct = _sharded.fused_sum(*args)
-        return total + nan_term, correct
+        total, correct, per_token = _sharded.fused_sum(*args)
+        return total + nan_term, correct, per_token
 
     def correct_of(rows, loss_b, amax_b):
         amax = _unsort(rows, ops.reshape(amax_b, (-1,)))
