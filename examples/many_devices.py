@@ -42,7 +42,7 @@ def build(vocab: int, dim: int, seq: int) -> LinearCEModel:
 def train(weights, args, x, y) -> list[float]:
     model = build(args.vocab, args.dim, args.seq)
     model.set_weights(weights)
-    model.compile(optimizer=keras.optimizers.SGD(0.5), loss=LinearCE())
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=LinearCE())
     hist = model.fit(x, y, batch_size=args.batch, epochs=args.steps, shuffle=False, verbose=0)
     return hist.history["loss"]
 
