@@ -25,6 +25,7 @@ from typing import Any
 
 from keras import ops
 
+from keras_ce_plugin.large_vocab import _sharded
 from keras_ce_plugin.large_vocab._chunked import (
     _backend,
     _check_chunk,
@@ -110,6 +111,7 @@ def linear_ce(
         float32 per-token losses of shape ``labels``'s (0 where ignored; NaN for labels
         outside ``[0, V)``).
     """
+    given_kernel = kernel  # a Keras variable carries its layout (sharded path)
     hidden, kernel, bias, ignore_class, spec = _prepare(
         hidden,
         kernel,
@@ -123,6 +125,7 @@ def linear_ce(
         vocab_chunk_size,
         fused=False,
     )
+    plan = _sharded.plan(hidden, given_kernel, spec)
     impl = _backend()
     lead = ops.shape(hidden)[:-1]
     lab, in_range, keep = _labels(labels, spec.vocab, ignore_class)
@@ -149,7 +152,9 @@ def linear_ce(
 
         return loss, grad
 
-    if bias is None:
+    if plan is not None:  # sharded over a device mesh: _sharded
+        loss = _sharded.per_token(plan, hidden, kernel, bias, safe, spec)
+    elif bias is None:
         loss = impl.custom_gradient(lambda h, k: run(h, k, None))(hidden, kernel)
     else:
         loss = impl.custom_gradient(run)(hidden, kernel, bias)
@@ -225,6 +230,7 @@ def fused_linear_ce_parts(
         raise ValueError(
             f"`strategy` must be 'recompute' or 'in_forward'. Received: strategy={strategy!r}"
         )
+    given_kernel = kernel  # a Keras variable carries its layout (sharded path)
     hidden, kernel, bias, ignore_class, spec = _prepare(
         hidden,
         kernel,
@@ -238,6 +244,7 @@ def fused_linear_ce_parts(
         vocab_chunk_size,
         fused=compute_grads and strategy == "in_forward",
     )
+    plan = _sharded.plan(hidden, given_kernel, spec)
     impl = _backend()
     lab, in_range, keep = _labels(labels, spec.vocab, ignore_class)
     w = ops.reshape(ops.cast(weights, "float32"), (-1,))
@@ -250,6 +257,10 @@ def fused_linear_ce_parts(
     u = ops.where(active, w, 0.0)
     # A label outside [0, V) on a counted row makes the loss NaN, as in `linear_ce`.
     nan_term = ops.sum(ops.where(nan_rows, float("nan"), 0.0))
+    if plan is not None:  # sharded over a device mesh: _sharded
+        args = (plan, hidden, kernel, bias, safe, active, u, spec, compute_grads)
+        total, correct, per_token = _sharded.fused_sum(*args)
+        return total + nan_term, correct, per_token
 
     def correct_of(rows, loss_b, amax_b):
         amax = _unsort(rows, ops.reshape(amax_b, (-1,)))
