@@ -46,6 +46,8 @@ __all__ = [
 INPUT_SHAPE = (32, 32, 3)
 BASE_NAME = "vgg16"
 STANDARDIZATION_NAME = "feature_standardization"
+# The smallest variance the standardisation divides by, relative to the median one.
+VARIANCE_FLOOR = 0.01
 WEIGHT_SUFFIXES = (".weights.h5", ".h5")
 
 
@@ -153,19 +155,29 @@ def he_initialize(base: keras.Model, seed: int) -> None:
 def feature_standardization(features: np.ndarray) -> keras.layers.Normalization:
     """A fixed ``Normalization`` layer (named ``"feature_standardization"``) that
     standardises each feature (last axis) with the mean and variance of ``features``
-    (the base's outputs for the training images), computed in float64; a feature
-    with zero variance gets variance 1. It has no weights and is not trainable.
+    (the base's outputs for the training images), computed in float64. A feature
+    with zero variance gets variance 1, and no variance is below
+    ``VARIANCE_FLOOR`` times the median variance: a near-constant feature (a ReLU
+    that fires on a handful of images) would otherwise magnify float32 rounding in
+    the base by the inverse of its tiny standard deviation, so that no float32
+    runtime (Keras, SavedModel, ONNX Runtime) could agree with another to 1e-5. It
+    has no weights and is not trainable.
 
     >>> layer = feature_standardization(np.array([[1.0, 5.0], [3.0, 5.0]]))
     >>> layer.input_mean.tolist(), layer.input_variance.tolist()
     ([2.0, 5.0], [1.0, 1.0])
+    >>> x = np.array([[0.0, 0.0], [2.0, 1e-4], [4.0, 0.0], [6.0, 0.0]])
+    >>> np.round(feature_standardization(x).input_variance, 6).tolist()  # 1% of the median, 2.5
+    [5.0, 0.025]
     """
     features = np.asarray(features, dtype="float64")
     if features.ndim < 2 or len(features) == 0:
         raise ValueError(f"`features` must be a non-empty batch. Received shape {features.shape}")
     flat = features.reshape(-1, features.shape[-1])
     mean, var = flat.mean(axis=0), flat.var(axis=0)
-    var = np.where(var > 0, var, 1.0)
+    positive = var[var > 0]
+    floor = VARIANCE_FLOOR * float(np.median(positive)) if positive.size else 0.0
+    var = np.where(var > 0, np.maximum(var, floor), 1.0)
     return keras.layers.Normalization(
         axis=-1, mean=mean, variance=var, name=STANDARDIZATION_NAME, trainable=False
     )
