@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -81,11 +82,20 @@ def require_backend(name: str) -> None:
         pytest.skip(message)
 
 
-def run_pytest(*args: str, backend: str, timeout: int = 1200) -> str:
+def summary_counts(summary: str) -> dict[str, int]:
+    """``{"passed": 12, "skipped": 1, ...}`` from a pytest summary line."""
+    return {word: int(n) for n, word in re.findall(r"(\d+) (\w+)", summary)}
+
+
+def run_pytest(
+    *args: str, backend: str, min_passed: int, max_skipped: int = 0, timeout: int = 1200
+) -> str:
     """Runs ``pytest args`` in a fresh process under ``KERAS_BACKEND=backend``.
 
     The README's options (``addopts``: doctests, workers) are left out. Fails unless
-    the run passes with at least one test passed; returns its summary line.
+    the run passes with at least ``min_passed`` tests passed and at most
+    ``max_skipped`` skipped or deselected (a backend that silently skips or
+    deselects its tests is a failure); returns its summary line.
     """
     env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
     proc = subprocess.run(
@@ -98,5 +108,9 @@ def run_pytest(*args: str, backend: str, timeout: int = 1200) -> str:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     summary = proc.stdout.strip().splitlines()[-1]
-    assert " passed" in summary and "failed" not in summary, summary
+    counts = summary_counts(summary)
+    assert counts.get("passed", 0) >= min_passed, f"expected >= {min_passed} passed: {summary}"
+    not_run = counts.get("skipped", 0) + counts.get("deselected", 0)
+    assert not_run <= max_skipped, f"expected <= {max_skipped} skipped/deselected: {summary}"
+    assert not {"failed", "error", "errors", "xpassed"} & set(counts), summary
     return summary

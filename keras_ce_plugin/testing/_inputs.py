@@ -41,6 +41,7 @@ class Subject:
     partial: Batch
     reference: Callable | None = None
     module: str | None = None  # what a fresh process imports to get the loss
+    tmpdir: str = ""  # a scratch directory for the checks that save files
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -271,6 +272,8 @@ def value_and_grad(f: Callable[[Any], Any], y_pred: np.ndarray) -> tuple[Any, An
 
         x = torch.tensor(y_pred, requires_grad=True)
         value = f(x)
+        if not value.requires_grad:  # no path from y_pred to the value
+            return to_numpy(value.detach()), None
         value.backward()
         return to_numpy(value.detach()), None if x.grad is None else x.grad.numpy()
     raise NotImplementedError(f"gradients on the {backend} backend")
