@@ -287,7 +287,7 @@ def test_linear_ce_loss_fused_equals_keras_builtin(rng, reduction, ignore_class)
         ),
         ({"logit_soft_cap": -1.0}, "`logit_soft_cap` must be a positive float or None"),
         ({"token_chunk_size": 0}, "`token_chunk_size` must be a positive integer or None"),
-        ({"reduction": None}, "`reduction` must be one of"),
+        ({"reduction": "none"}, "`reduction` must be one of"),
     ],
 )
 def test_linear_ce_validates_arguments(kwargs, message):
@@ -373,6 +373,136 @@ def test_model_fit_matches_naive_loss_curve(rng, head_kind, cap):
     ev = fused.evaluate(x, y, sample_weight=sw, verbose=0, return_dict=True)
     ev_naive = naive.evaluate(x, y, sample_weight=sw, verbose=0, return_dict=True)
     assert abs(ev["loss"] - ev_naive["loss"]) <= 1e-4 * abs(ev_naive["loss"])
+
+
+def _builtin_metric(name, **kw):
+    """Keras' own sparse CE, per token, as a metric (the oracle for LinearCE's)."""
+    fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None, **kw)
+    return keras.metrics.MeanMetricWrapper(fn, name=name)
+
+
+@pytest.mark.parametrize("kind", ["plain", "fused"])
+def test_linear_ce_as_metric_by_name_and_instance(rng, kind):
+    """Unweighted, weighted and option-carrying LinearCE metrics equal Keras' built-in's."""
+    x, y, sw = lm_data(rng)
+
+    def build(ours: bool):
+        model = tiny_lm("tied")
+        if ours:
+            metrics = ["customloss>LinearCE", LinearCE(reduction=None, name="lce_inst")]
+            weighted = [
+                LinearCE(reduction=None, name="w"),
+                LinearCE(reduction=None, ignore_class=3, name="w_ign"),
+            ]
+        else:
+            metrics = [_builtin_metric("customloss>LinearCE"), _builtin_metric("lce_inst")]
+            weighted = [_builtin_metric("w"), _builtin_metric("w_ign", ignore_class=3)]
+        loss = (
+            LinearCE(vocab_chunk_size=40)
+            if ours and kind == "fused"
+            else keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        )
+        model.compile(keras.optimizers.SGD(0.5), loss, metrics=metrics, weighted_metrics=weighted)
+        return model
+
+    ours, keras_ = build(True), build(False)
+    keras_.set_weights(ours.get_weights())
+    kw = {"sample_weight": sw, "batch_size": 4, "epochs": 2, "verbose": 0, "shuffle": False}
+    got, expected = ours.fit(x, y, **kw).history, keras_.fit(x, y, **kw).history
+    for name in ("loss", "customloss>LinearCE", "lce_inst", "w", "w_ign"):
+        assert rel_err(got[name], expected[name]) <= RTOL, name
+    ev = ours.evaluate(x, y, sample_weight=sw, verbose=0, return_dict=True)
+    ev_keras = keras_.evaluate(x, y, sample_weight=sw, verbose=0, return_dict=True)
+    for name in ("loss", "customloss>LinearCE", "w", "w_ign"):
+        assert rel_err(ev[name], ev_keras[name]) <= RTOL, name
+
+
+def test_fused_fit_refuses_metrics_that_need_logits(rng):
+    x, y, _ = lm_data(rng)
+    model = tiny_lm("tied")
+    model.compile("sgd", LinearCE(), metrics=["accuracy"])
+    with pytest.raises(ValueError, match="needs the logits, which fused training never forms"):
+        model.fit(x, y, epochs=1, verbose=0)
+
+
+def test_reduction_none_values_and_fit_equal_keras(rng):
+    """``reduction=None``: weighted per-token values as Keras'; fit follows their sum's
+    gradient, as Keras' fit does on TensorFlow."""
+    h, k, b, y = data(rng, ignore=-1)
+    sw = rng.uniform(size=len(y)).astype("float32")
+    logits = h @ k + b
+    builtin = keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, ignore_class=-1, reduction=None
+    )
+    expected = np.asarray(builtin(y, logits, sample_weight=sw))
+    got = np.asarray(LinearCE(ignore_class=-1, reduction=None)(y, logits, sample_weight=sw))
+    assert got.shape == expected.shape and rel_err(got, expected) <= RTOL
+    if BACKEND != "tensorflow":  # Keras' fit takes a non-scalar loss on TensorFlow only
+        return
+    x, yy, sw2 = lm_data(rng)
+    naive, fused = tiny_lm("tied"), tiny_lm("tied")
+    fused.set_weights(naive.get_weights())
+    naive.compile(keras.optimizers.SGD(0.005), builtin)
+    fused.compile(keras.optimizers.SGD(0.005), LinearCE(ignore_class=-1, reduction=None))
+    kw = {"sample_weight": sw2, "batch_size": 4, "epochs": 2, "verbose": 0, "shuffle": False}
+    naive.fit(x, yy, **kw), fused.fit(x, yy, **kw)
+    for a, b in zip(fused.get_weights(), naive.get_weights()):  # Keras: d(sum)/dw
+        assert rel_err(a, b) <= 1e-4
+
+
+def test_keras_mask_honoured_as_keras_losses_honour_it(rng):
+    """A backbone that propagates a mask (Embedding(mask_zero=True)): fused fit = Keras fit."""
+
+    def masked_lm():
+        keras.utils.set_random_seed(3)
+        tokens = keras.Input((T,), dtype="int32")
+        emb = keras.layers.Embedding(V, D, mask_zero=True)
+        x = keras.layers.Dense(D, activation="tanh")(emb(tokens))
+        head = keras.layers.Dense(V)
+        return LinearCEModel(keras.Model(tokens, x), head=head)
+
+    x, y, _ = lm_data(rng)
+    x[:, -4:] = 0  # padding, masked by the embedding
+    naive, fused = masked_lm(), masked_lm()
+    fused.set_weights(naive.get_weights())
+    naive.compile(
+        keras.optimizers.SGD(0.5), keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
+    fused.compile(keras.optimizers.SGD(0.5), LinearCE(vocab_chunk_size=40))
+    kw = {"batch_size": 4, "epochs": 2, "verbose": 0, "shuffle": False}
+    h1, h2 = naive.fit(x, y, **kw).history, fused.fit(x, y, **kw).history
+    assert rel_err(h2["loss"], h1["loss"]) <= RTOL
+    unmasked = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(
+        y, naive.predict(x, verbose=0)
+    )
+    assert abs(float(unmasked) - h1["loss"][-1]) > 1e-3  # the mask changes the value
+
+
+@pytest.mark.parametrize(("head_cap", "loss_cap"), [(5.0, None), (None, 5.0), (5.0, 5.0)])
+def test_soft_cap_is_one_setting(rng, head_cap, loss_cap):
+    """Head's or loss's cap (or both, equal): applied once in fit and in evaluate."""
+    x, y, sw = lm_data(rng)
+    fused = tiny_lm("untied", head_cap)
+    reference_model = tiny_lm("untied", 5.0)
+    reference_model.set_weights(fused.get_weights())
+    reference_model.compile(
+        keras.optimizers.SGD(0.5), keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
+    fused.compile(keras.optimizers.SGD(0.5), LinearCE(logit_soft_cap=loss_cap))
+    kw = {"sample_weight": sw, "batch_size": 4, "epochs": 2, "verbose": 0, "shuffle": False}
+    h1, h2 = reference_model.fit(x, y, **kw).history, fused.fit(x, y, **kw).history
+    assert rel_err(h2["loss"], h1["loss"]) <= RTOL
+    ev = fused.evaluate(x, y, sample_weight=sw, verbose=0)
+    ev_ref = reference_model.evaluate(x, y, sample_weight=sw, verbose=0)
+    assert rel_err(ev, ev_ref) <= RTOL
+
+
+def test_soft_caps_that_differ_are_refused(rng):
+    x, y, _ = lm_data(rng)
+    model = tiny_lm("untied", 5.0)
+    model.compile("sgd", LinearCE(logit_soft_cap=3.0))
+    with pytest.raises(ValueError, match="`logit_soft_cap` differ; set it on one of them"):
+        model.fit(x, y, epochs=1, verbose=0)
 
 
 def test_model_saves_and_reloads_in_fresh_process_safe_mode(rng, tmp_path):

@@ -5,8 +5,9 @@ and :class:`TokenAccuracy` are the Keras-facing pieces (registered under the
 ``customloss`` package).
 """
 
+from keras_ce_plugin.large_vocab.loss import LinearCE
 from keras_ce_plugin.large_vocab.metrics import TokenAccuracy, linear_token_accuracy
-from keras_ce_plugin.large_vocab.model import LinearCE, LinearCEModel
+from keras_ce_plugin.large_vocab.model import LinearCEModel
 from keras_ce_plugin.large_vocab.ops import fused_linear_ce_sum, linear_ce
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""The Keras-facing pieces: the ``LinearCE`` loss and the ``LinearCEModel`` wrapper.
+"""``LinearCEModel``: a language model trained with its logits never formed.
 
 ``LinearCEModel(backbone, head)`` outputs ``head(backbone(x))`` logits in
 ``predict``/``evaluate`` exactly like the plain model. Compiled with a
@@ -14,167 +14,12 @@ from typing import Any
 import keras
 from keras import ops
 
-from keras_ce_plugin.large_vocab._chunked import _check_cap, _check_chunk
+from keras_ce_plugin.large_vocab.loss import LinearCE, _mask_of
 from keras_ce_plugin.large_vocab.metrics import TokenAccuracy
-from keras_ce_plugin.large_vocab.ops import fused_linear_ce_sum
-from keras_ce_plugin.losses import (
-    _check_ignore_class,
-    _check_label_smoothing,
-    _CrossEntropyLoss,
-)
 
 __all__ = ["LinearCE", "LinearCEModel"]
 
 PACKAGE = "customloss"
-_REDUCTIONS = ("sum_over_batch_size", "mean", "sum", "mean_with_sample_weight")
-
-
-@keras.saving.register_keras_serializable(package=PACKAGE, name="LinearCE")
-class LinearCE(_CrossEntropyLoss):
-    """Sparse cross-entropy for a linear LM head, fused with the head in ``fit``.
-
-    Called on logits (``loss(y_true, logits)``) it is the sparse cross-entropy
-    ``SparseCategoricalCrossentropy(from_logits=True, ignore_class=...)`` with
-    ``label_smoothing`` (as ``CategoricalCrossentropy`` on one-hot labels) and
-    ``logit_soft_cap``. In a :class:`LinearCEModel`, :meth:`fused` computes the same
-    reduced value from the hidden states without forming the logits.
-
-    With ``ignore_class``, ``"sum_over_batch_size"``/``"mean"`` average over the
-    other tokens, as Keras' built-in does.
-    """
-
-    def __init__(
-        self,
-        ignore_class: int | None = None,
-        label_smoothing: float = 0.0,
-        logit_soft_cap: float | None = None,
-        token_chunk_size: int | None = None,
-        vocab_chunk_size: int | None = None,
-        reduction: str = "sum_over_batch_size",
-        name: str = "linear_ce",
-        dtype: Any = None,
-    ) -> None:
-        if reduction not in _REDUCTIONS:
-            raise ValueError(
-                f"`reduction` must be one of {list(_REDUCTIONS)} for `LinearCE` (per-token "
-                f"values: use `linear_ce`). Received: reduction={reduction!r}"
-            )
-        super().__init__(name=name, reduction=reduction, dtype=dtype)
-        self.ignore_class = _check_ignore_class(ignore_class)
-        self.label_smoothing = _check_label_smoothing(label_smoothing)
-        self.logit_soft_cap = _check_cap(logit_soft_cap)
-        self.token_chunk_size = _check_chunk("token_chunk_size", token_chunk_size)
-        self.vocab_chunk_size = _check_chunk("vocab_chunk_size", vocab_chunk_size)
-
-    # -- on logits (evaluate, predict-time checks) ------------------------------
-    def __call__(self, y_true, y_pred, sample_weight=None):
-        shape = ops.shape(y_pred)[:-1]
-        weights = self.token_weights(y_true, sample_weight, shape)
-        per_token = self.call(y_true, y_pred)
-        return ops.cast(self._reduce(per_token, weights, self._kept(y_true, shape)), self.dtype)
-
-    def call(self, y_true, y_pred):
-        logits = ops.cast(y_pred, "float32")
-        if self.logit_soft_cap is not None:
-            logits = self.logit_soft_cap * ops.tanh(logits / self.logit_soft_cap)
-        labels = ops.cast(ops.reshape(y_true, ops.shape(logits)[:-1]), "int32")
-        vocab = logits.shape[-1]
-        safe = ops.where(ops.logical_and(labels >= 0, labels < vocab), labels, 0)
-        log_p = ops.log_softmax(logits, axis=-1)
-        nll = -ops.take_along_axis(log_p, safe[..., None], axis=-1)[..., 0]
-        if self.label_smoothing:
-            eps = self.label_smoothing
-            nll = (1.0 - eps) * nll - eps * ops.mean(log_p, axis=-1)
-        bad = ops.logical_or(labels < 0, labels >= vocab)
-        nll = ops.where(bad, float("nan"), nll)
-        if self.ignore_class is not None:
-            nll = ops.where(ops.equal(labels, self.ignore_class), 0.0, nll)
-        return nll
-
-    # -- shared reduction ---------------------------------------------------------
-    def token_weights(self, y_true, sample_weight, shape) -> Any:
-        """Per-token weights (0 on ``ignore_class`` tokens), shape ``shape``."""
-        w = ops.ones(shape, "float32")
-        if sample_weight is not None:
-            sw = ops.cast(ops.convert_to_tensor(sample_weight), "float32")
-            rank = len(w.shape)
-            if len(sw.shape) == rank + 1:
-                sw = ops.squeeze(sw, axis=-1)
-            while len(sw.shape) < rank:  # e.g. one weight per sequence
-                sw = ops.expand_dims(sw, -1)
-            w = w * sw
-        keep = self._kept(y_true, shape)
-        return w if keep is None else ops.where(keep, w, 0.0)
-
-    def _kept(self, y_true, shape) -> Any:
-        if self.ignore_class is None:
-            return None
-        labels = ops.cast(ops.reshape(y_true, shape), "int32")
-        return ops.not_equal(labels, self.ignore_class)
-
-    def _scale(self, weights, keep) -> Any:
-        """Per-token factors f with reduced loss = sum(f * per_token_loss)."""
-        if self.reduction == "sum":
-            return weights
-        if self.reduction == "mean_with_sample_weight":
-            denom = ops.sum(weights)
-        elif keep is None:
-            denom = ops.cast(ops.size(weights), "float32")
-        else:  # As Keras' built-in: the mean runs over the tokens not ignored.
-            denom = ops.sum(ops.cast(keep, "float32"))
-        return ops.divide_no_nan(weights, denom)
-
-    def _reduce(self, per_token, weights, keep) -> Any:
-        scaled = per_token * self._scale(weights, keep)
-        return ops.sum(scaled if keep is None else ops.where(keep, scaled, 0.0))
-
-    def fused(
-        self,
-        hidden: Any,
-        kernel: Any,
-        labels: Any,
-        *,
-        bias: Any = None,
-        transpose_kernel: bool = False,
-        logit_soft_cap: float | None = None,
-        sample_weight: Any = None,
-        compute_grads: bool = True,
-    ) -> tuple[Any, Any, Any]:
-        """The reduced loss of ``hidden @ kernel (+ bias)`` without the logits.
-
-        Returns ``(loss, correct, weights)``: the scalar loss (gradient computed in
-        the forward pass), per-token argmax correctness and the per-token weights.
-        """
-        shape = ops.shape(hidden)[:-1]
-        weights = self.token_weights(labels, sample_weight, shape)
-        # Tokens of weight 0 are skipped (no matmul); they still count in the
-        # "sum_over_batch_size" denominator, as in Keras.
-        scale = self._scale(weights, self._kept(labels, shape))
-        loss, correct = fused_linear_ce_sum(
-            hidden,
-            kernel,
-            ops.reshape(labels, shape),
-            scale,
-            bias=bias,
-            transpose_kernel=transpose_kernel,
-            ignore_class=self.ignore_class,
-            label_smoothing=self.label_smoothing,
-            logit_soft_cap=self.logit_soft_cap if logit_soft_cap is None else logit_soft_cap,
-            token_chunk_size=self.token_chunk_size,
-            vocab_chunk_size=self.vocab_chunk_size,
-            compute_grads=compute_grads,
-        )
-        return ops.cast(loss, self.dtype), correct, weights
-
-    def get_config(self) -> dict[str, Any]:
-        return {
-            **self._base_config(),
-            "ignore_class": self.ignore_class,
-            "label_smoothing": self.label_smoothing,
-            "logit_soft_cap": self.logit_soft_cap,
-            "token_chunk_size": self.token_chunk_size,
-            "vocab_chunk_size": self.vocab_chunk_size,
-        }
 
 
 def _find_layer(root: Any, target: Any) -> str | None:
@@ -235,6 +80,7 @@ class LinearCEModel(keras.Model):
         self.backbone = backbone
         self.head = head
         self.token_accuracy = TokenAccuracy()
+        self._returned_hidden = False
 
     def build(self, input_shape: Any) -> None:
         if not self.backbone.built:
@@ -250,7 +96,9 @@ class LinearCEModel(keras.Model):
 
     def call(self, inputs, training=None):
         hidden = self.backbone(inputs, training=training)
-        if training and self._fused_loss is not None:
+        # Read (at trace time) by compute_loss/compute_metrics of the same step.
+        self._returned_hidden = bool(training and self._fused_loss is not None)
+        if self._returned_hidden:
             return hidden
         return self._logits(hidden)
 
@@ -286,20 +134,85 @@ class LinearCEModel(keras.Model):
             if y is not None and y_pred is not None:
                 self.token_accuracy.update_state(y, y_pred, sample_weight)
             return super().compute_loss(x, y, y_pred, sample_weight, training=training)
-        if training:
-            loss, correct, weights = loss_fn.fused(
-                y_pred, sample_weight=sample_weight, labels=y, **self.head_weights()
+        head = self.head_weights()
+        head_cap = head.pop("logit_soft_cap")
+        cap = loss_fn.effective_cap(head_cap)
+        if self._returned_hidden:
+            loss, correct, weights, per_token = loss_fn.fused_parts(
+                y_pred, sample_weight=sample_weight, labels=y, logit_soft_cap=head_cap, **head
             )
             self.token_accuracy.update_from_correct(correct, weights)
-        else:  # y_pred are the logits (evaluate)
-            loss = loss_fn(y, y_pred, sample_weight)
-            labels = ops.cast(ops.reshape(y, ops.shape(y_pred)[:-1]), "int32")
+            self._update_loss_metrics(
+                loss_fn, y, y_pred, sample_weight, per_token, (cap, head_cap), head
+            )
+        else:  # y_pred are the logits (evaluate), already capped by a capped head
+            shape = ops.shape(y_pred)[:-1]
+            per_token = loss_fn.per_token(y, y_pred, cap if head_cap is None else None)
+            loss = loss_fn.reduce_tokens(per_token, y, sample_weight, _mask_of(y_pred))
+            labels = ops.cast(ops.reshape(y, shape), "int32")
             pred = ops.cast(ops.argmax(y_pred, axis=-1), "int32")
-            weights = loss_fn.token_weights(y, sample_weight, ops.shape(y_pred)[:-1])
+            weights = loss_fn.token_weights(y, sample_weight, shape, _mask_of(y_pred))
             self.token_accuracy.update_from_correct(ops.equal(pred, labels), weights)
         for extra in self.losses:
             loss = loss + ops.cast(extra, loss.dtype)
         return loss
+
+    def _compiled_metrics(self, y, y_pred) -> list[tuple[Any, bool]]:
+        """The compiled metrics, each with whether it takes sample weights."""
+        compiled = getattr(self, "_compile_metrics", None)
+        if compiled is None:
+            return []
+        if not compiled.built:  # as Keras' compute_metrics does on the first step
+            compiled.build(y, y_pred)
+        found = []
+        # CompileMetrics keeps `metrics=` and `weighted_metrics=` in two lists.
+        for attr, weighted in (("_flat_metrics", False), ("_flat_weighted_metrics", True)):
+            for entry in getattr(compiled, attr, None) or []:
+                for metric in getattr(entry, "metrics", [entry]):
+                    if metric is not None:
+                        found.append((metric, weighted))
+        return found
+
+    def _update_loss_metrics(self, loss_fn, y, hidden, sample_weight, per_token, caps, head):
+        """Fused training: compiled ``LinearCE`` metrics from the chunked pass (no logits).
+
+        A metric with the compiled loss's options and weighting reuses its per-token
+        losses; any other ``LinearCE`` costs one more (gradient-free) pass. Any
+        other compiled metric needs the logits, which fused training never forms.
+        """
+        for metric, weighted in self._compiled_metrics(y, hidden):
+            fn = getattr(metric, "_fn", None)  # MeanMetricWrapper's function
+            if not isinstance(fn, LinearCE):
+                raise ValueError(
+                    f"Metric {metric.name!r} needs the logits, which fused training never "
+                    "forms; in `fit` use LinearCE metrics and the tracked token_accuracy "
+                    "(every metric applies in `evaluate`)."
+                )
+            cap, head_cap = caps
+            values = per_token
+            same = (fn.ignore_class, fn.label_smoothing, fn.effective_cap(head_cap)) == (
+                loss_fn.ignore_class,
+                loss_fn.label_smoothing,
+                cap,
+            )
+            # The loss skipped the tokens of weight 0, which an unweighted metric counts.
+            if not same or not (weighted or sample_weight is None):
+                values = fn.fused_parts(
+                    ops.stop_gradient(hidden),
+                    labels=y,
+                    logit_soft_cap=head_cap,
+                    compute_grads=False,
+                    **head,
+                )[3]
+            values = fn.reduce_tokens(values, y, None, _mask_of(hidden))
+            keras.metrics.Mean.update_state(
+                metric, values, sample_weight=sample_weight if weighted else None
+            )
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        if self._returned_hidden:  # updated in compute_loss, from the fused pass
+            return self.get_metrics_result()
+        return super().compute_metrics(x, y, y_pred, sample_weight)
 
     def get_config(self) -> dict[str, Any]:
         config = {

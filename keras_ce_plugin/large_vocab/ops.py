@@ -39,7 +39,7 @@ from keras_ce_plugin.large_vocab._chunked import (
     _upstream,
 )
 
-__all__ = ["fused_linear_ce_sum", "linear_ce"]
+__all__ = ["fused_linear_ce_parts", "fused_linear_ce_sum", "linear_ce"]
 
 
 def _prepare(
@@ -185,6 +185,42 @@ def fused_linear_ce_sum(
     gradient, e.g. for metrics). Returns a float32 scalar and float32 ``(N,)``
     correctness (1.0/0.0; 0 on skipped rows).
     """
+    total, correct, _ = fused_linear_ce_parts(
+        hidden,
+        kernel,
+        labels,
+        weights,
+        bias=bias,
+        transpose_kernel=transpose_kernel,
+        ignore_class=ignore_class,
+        label_smoothing=label_smoothing,
+        logit_soft_cap=logit_soft_cap,
+        token_chunk_size=token_chunk_size,
+        vocab_chunk_size=vocab_chunk_size,
+        compute_grads=compute_grads,
+        strategy=strategy,
+    )
+    return total, correct
+
+
+def fused_linear_ce_parts(
+    hidden: Any,
+    kernel: Any,
+    labels: Any,
+    weights: Any,
+    *,
+    bias: Any = None,
+    transpose_kernel: bool = False,
+    ignore_class: int | None = None,
+    label_smoothing: float = 0.0,
+    logit_soft_cap: float | None = None,
+    token_chunk_size: int | None = None,
+    vocab_chunk_size: int | None = None,
+    compute_grads: bool = True,
+    strategy: str = "recompute",
+) -> tuple[Any, Any, Any]:
+    """:func:`fused_linear_ce_sum`, plus the ``(N,)`` per-token losses (no gradient;
+    0 on skipped rows), for metrics that reuse the training pass."""
     if strategy not in ("recompute", "in_forward"):
         raise ValueError(
             f"`strategy` must be 'recompute' or 'in_forward'. Received: strategy={strategy!r}"
@@ -219,7 +255,8 @@ def fused_linear_ce_sum(
         amax = _unsort(rows, ops.reshape(amax_b, (-1,)))
         loss = _unsort(rows, ops.reshape(loss_b, (-1,)))
         hit = ops.logical_and(active, ops.equal(amax, safe))
-        return ops.sum(u * loss) + nan_term, ops.cast(hit, "float32")
+        per_token = ops.where(active, loss, 0.0)
+        return ops.sum(u * loss) + nan_term, ops.cast(hit, "float32"), per_token
 
     if not compute_grads:
         h2 = ops.reshape(hidden, (-1, spec.dim))
@@ -232,7 +269,7 @@ def fused_linear_ce_sum(
         rows = _rows(h2, safe, active, u, spec, sort=True)
         if strategy == "recompute":
             loss_b, lse_b, amax_b = _forward(impl, rows, k, b, spec)
-            total, correct = correct_of(rows, loss_b, amax_b)
+            parts = correct_of(rows, loss_b, amax_b)
 
             def grad(*args, upstream=None):
                 up = ops.cast(_upstream(args, upstream), "float32")
@@ -240,19 +277,19 @@ def fused_linear_ce_sum(
                 dh, dk, db, _, _ = _grads(impl, scaled, k, b, spec, lse_b, False)
                 return _out_grads(h, k, b, dh, dk, db)
 
-            return (total, correct), grad
+            return parts, grad
 
         dh, dk, db, loss_b, amax_b = _grads(impl, rows, k, b, spec, None, True)
-        total, correct = correct_of(rows, loss_b, amax_b)
+        parts = correct_of(rows, loss_b, amax_b)
 
         def grad_in_forward(*args, upstream=None):
             up = ops.cast(_upstream(args, upstream), "float32")
             return tuple(impl.scale(g, up) for g in _out_grads(h, k, b, dh, dk, db))
 
-        return (total, correct), grad_in_forward
+        return parts, grad_in_forward
 
     if bias is None:
         out = impl.custom_gradient(lambda h, k: run(h, k, None))(hidden, kernel)
     else:
         out = impl.custom_gradient(run)(hidden, kernel, bias)
-    return out[0], ops.stop_gradient(out[1])
+    return out[0], ops.stop_gradient(out[1]), ops.stop_gradient(out[2])
