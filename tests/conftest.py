@@ -65,6 +65,49 @@ def run_python(code: str, *, cwd: Path | None = None, env: dict | None = None, t
     return proc
 
 
+def claims_table_tests(readme: Path | None = None) -> list[tuple[str, str, str]]:
+    """``(row, file, test name)`` for each test README's "Claims and their tests" names
+    (``file::name``, or ``::name`` for the file named before it in the row)."""
+    path = readme or REPO / "README.md"
+    text = path.read_text() if path.is_file() else ""
+    if "### Claims and their tests" not in text:
+        return []
+    table = text.split("### Claims and their tests", 1)[1]
+    found = []
+    for row in (line for line in table.splitlines() if line.startswith("| ") and "::" in line):
+        cell = row.rstrip(" |").rsplit("|", 1)[1]
+        file = ""
+        for ref in re.findall(r"`([^`]+)`", cell):
+            named, _, name = ref.rpartition("::")
+            file = named or file
+            found.append((row, file, name))
+    return found
+
+
+_CLAIMED: set[tuple[str, str]] | None = None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """In CI (``$CI`` set), a test named in README's claims table may not skip: the
+    claim would stand on a test that did not run."""
+    global _CLAIMED
+    outcome = yield
+    report = outcome.get_result()
+    if not (report.skipped and os.environ.get("CI")) or hasattr(report, "wasxfail"):
+        return
+    if _CLAIMED is None:
+        _CLAIMED = {(file, name) for _, file, name in claims_table_tests()}
+    file = item.nodeid.split("::")[0]
+    name = getattr(item, "originalname", None) or item.name.split("[")[0]
+    if (file, name) in _CLAIMED:
+        why = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = (
+            f"{item.nodeid} is named in README's claims table and skipped in CI: {why}"
+        )
+
+
 _BACKEND_EXTRAS = {
     "jax": "extra [jax], part of [dev]",
     "torch": 'extra [torch]: pip install -e ".[torch]"',

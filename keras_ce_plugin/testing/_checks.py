@@ -73,9 +73,11 @@ def fmt(x: Any) -> str:
     return f"{float(a):.6g}" if a.ndim == 0 else str(np.round(a, 6).tolist())
 
 
-def sample_weights(n: int) -> np.ndarray:
-    w = np.random.default_rng(7).uniform(0.25, 2.0, size=n).astype("float32")
-    w[0] = 0.0  # A zero weight must drop the sample.
+def sample_weights(shape: tuple[int, ...]) -> np.ndarray:
+    """Seeded weights of the per-sample values' shape (``y_pred.shape[:-1]``: Keras
+    takes ``(batch, tokens)`` weights for per-token values)."""
+    w = np.random.default_rng(7).uniform(0.25, 2.0, size=shape).astype("float32")
+    w.flat[0] = 0.0  # A zero weight must drop the sample.
     return w
 
 

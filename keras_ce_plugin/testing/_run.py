@@ -112,7 +112,7 @@ class _Run:
             why = REGISTRY[name].applies(self.s)
             if why is not None:
                 self.outcomes[name] = (SKIPPED, why)
-        self.w = C.sample_weights(self.s.batch.y_pred.shape[0])
+        self.w = C.sample_weights(self.s.batch.y_pred.shape[:-1])
         self.data = os.path.join(tmp, f"batch-{index}.npz")
         b, p = self.s.batch, self.s.partial
         np.savez(

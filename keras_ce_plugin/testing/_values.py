@@ -74,7 +74,7 @@ def check_output_shape(s: Subject) -> Outcome:
 )
 def check_sample_weight(s: Subject) -> Outcome:
     b = s.batch
-    w = sample_weights(b.y_pred.shape[0])
+    w = sample_weights(b.y_pred.shape[:-1])
     actual = to_numpy(s.loss(b.y_true, b.y_pred, sample_weight=w))
     expected = keras_reduce(sample_by_sample(s, b), s.loss.reduction, w)
     if not close(actual, expected, RTOL, ATOL):
@@ -129,9 +129,6 @@ def check_reduction(s: Subject) -> Outcome:
     return PASSED, f"call() is per-sample {values.shape}; all {len(REDUCTIONS)} reductions agree"
 
 
-MASKED = (1, 4)  # the samples a Masking layer masks out (their y_pred rows become 0)
-
-
 @check(
     "mask",
     passes_when="a ``y_pred`` carrying a Keras mask (from a ``Masking`` layer, as in a "
@@ -144,8 +141,9 @@ MASKED = (1, 4)  # the samples a Masking layer masks out (their y_pred rows beco
 )
 def check_mask(s: Subject) -> Outcome:
     b = s.batch
+    masked_out = [1, b.y_pred.shape[0] - 2]  # a Masking layer makes their y_pred rows 0
     y_pred = b.y_pred.copy()
-    y_pred[list(MASKED)] = 0.0
+    y_pred[masked_out] = 0.0
     keep = np.any(y_pred != 0.0, axis=-1)
     masked = keras.layers.Masking(mask_value=0.0)(y_pred)
     values = per_sample(s, Batch(b.y_true, y_pred, b.x)).astype("float64")
@@ -163,7 +161,7 @@ def check_mask(s: Subject) -> Outcome:
         want = keras_reduce(values, reduction, weight)
         if not close(got, want, RTOL, ATOL):
             return FAILED, (
-                f"with samples {list(MASKED)} masked, reduction={reduction!r} gives {fmt(got)}, "
+                f"with samples {masked_out} masked, reduction={reduction!r} gives {fmt(got)}, "
                 f"Keras' masked reduction {fmt(want)}: the mask is ignored"
             )
     return PASSED, f"masked samples dropped in all {len(REDUCTIONS)} reductions"
@@ -365,14 +363,17 @@ def _central(f, x: np.ndarray, entries: list[tuple[int, ...]], h: float) -> np.n
     applies=floating,
 )
 def check_gradient_value(s: Subject) -> Outcome:
-    grad = _gradient(s)
+    y_true = s.batch.y_true
+    # Of the sum of the per-sample values: the reference's scale.
+    none = with_reduction(s.loss, None)
+    grad = value_and_grad(lambda yp: ops.sum(none(y_true, yp)), s.batch.y_pred)[1]
     if grad is None or not np.all(np.isfinite(grad)) or not np.any(grad):
         return SKIPPED, "no usable gradient (the `gradient` check reports it)"
     entries = _entries(s, grad)
     if not entries:
         return SKIPPED, "no entry of y_pred away from the clipping edges"
     loss, precision = _float64(s)
-    y_true = s.batch.y_true
+    loss = with_reduction(loss, None)
     x = s.batch.y_pred.astype(precision)
 
     def f(y_pred):
