@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 import keras
@@ -650,3 +651,43 @@ def test_import_does_not_import_pytest_or_tensorflow_on_jax():
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_workers_only_for_the_checks_that_need_them_and_always_reaped(monkeypatch):
+    """No worker process without `keras_file`/`backends`; with them, an interrupted run
+    still kills and reaps every worker before their temporary directory goes."""
+    from keras_ce_plugin.testing import _run
+    from keras_ce_plugin.testing._subprocess import Job, installed_backends
+
+    started = []
+
+    class Recorded(Job):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            started.append(self)
+
+    monkeypatch.setattr(_run, "Job", Recorded)
+    check_loss(FocalCE(), checks=[c for c in IN_PROCESS if c not in ("mixed_precision",)])
+    assert started == []
+
+    def interrupted(fn, s):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_run.C, "reason_if_raised", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        check_loss(FocalCE(), checks=["backends", "keras_file", "registered"])
+    assert len(started) == len(installed_backends()), started  # the others + keras_file
+    for job in started:
+        assert job.proc.returncode is not None, f"{job.backend} worker not reaped"
+        assert not os.path.exists(os.path.dirname(job.out))  # removed after the reaping
+
+
+def test_readme_lists_every_check():
+    """README's sentence "`check_loss` runs N named checks (`a`, `b`, ...)" is CHECKS."""
+    from conftest import REPO
+
+    text = (REPO / "README.md").read_text()
+    match = re.search(r"`check_loss` runs (\d+) named checks \((.*?); the table", text, re.S)
+    assert match, "README no longer says which checks check_loss runs"
+    assert int(match.group(1)) == len(CHECKS)
+    assert tuple(re.findall(r"`(\w+)`", match.group(2))) == CHECKS
