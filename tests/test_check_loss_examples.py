@@ -5,6 +5,8 @@ Also shows ``parametrize_loss_checks`` as a user's test suite would use it.
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from tutorial_loss import Custom_CE_Loss  # noqa: E402
 # reduction), #20060 (inf at probability 0), #17371/#20014 (tf.* ops on other backends).
 TUTORIAL_FAILS = {
     "registered",
+    "output_shape",
     "config_roundtrip",
     "keras_file",
     "compile_by_name",
@@ -49,11 +52,11 @@ def reports():
 def test_tutorial_loss_fails_exactly_the_expected_checks(reports):
     report = reports["tutorial"]
     assert set(report.failed) == TUTORIAL_FAILS, str(report)
-    assert report.skipped == ["reference"]
+    assert report.skipped == ["mask", "reference"]
     assert "returns shape () for a batch of 6" in report.details["reduction"]
     assert "not finite at probabilities 0 and 1" in report.details["finite"]
     assert report.details["backends"].startswith("on jax:")
-    with pytest.raises(LossContractError, match="Custom_CE_Loss\\(\\) fails 9 loss check"):
+    with pytest.raises(LossContractError, match="Custom_CE_Loss\\(\\) fails 10 loss check"):
         raise report.error()
 
 
@@ -93,6 +96,46 @@ def test_parametrize_expected_failed_checks_callable():
         [Custom_CE_Loss()],
         expected_failed_checks=lambda loss: {"reduction": "reduces over the batch"},
     )
-    loss, check = next(p.values for p in mark.args[1] if p.id.endswith("-reduction"))
-    with pytest.raises(pytest.skip.Exception, match="expected to fail: reduces over the batch"):
+    param = next(p for p in mark.args[1] if p.id.endswith("-reduction"))
+    (xfail,) = param.marks
+    assert xfail.name == "xfail" and xfail.kwargs["strict"] is True
+    assert xfail.kwargs["reason"] == "reduces over the batch"
+    assert xfail.kwargs["raises"] is LossContractError
+    loss, check = param.values
+    with pytest.raises(LossContractError, match="reduction: call"):
         check(loss)
+
+
+USER_SUITE = """
+import sys
+sys.path.insert(0, {examples!r})
+from fixed_loss import CategoricalCrossEntropy
+from tutorial_loss import Custom_CE_Loss
+from keras_ce_plugin.testing import parametrize_loss_checks
+
+@parametrize_loss_checks(
+    [Custom_CE_Loss(), CategoricalCrossEntropy()],
+    checks=["registered", "output_shape"],
+    expected_failed_checks={{"registered": "not registered", "output_shape": "a mean"}},
+)
+def test_user_suite(loss, check):
+    check(loss)
+"""
+
+
+def test_expected_failures_are_strict_xfails_in_a_real_pytest_run(tmp_path):
+    """The tutorial's loss fails both: 2 xfailed; the fixed loss passes both: XPASS(strict)."""
+    examples = str(Path(__file__).resolve().parents[1] / "examples" / "your_own_loss")
+    (tmp_path / "test_user.py").write_text(USER_SUITE.format(examples=examples))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "-rX"],
+        cwd=tmp_path,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    summary = proc.stdout.strip().splitlines()[-1]
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    assert "2 failed" in summary and "2 xfailed" in summary, summary
+    assert proc.stdout.count("[XPASS(strict)] ") == 2, proc.stdout[-3000:]

@@ -56,3 +56,51 @@ def test_check_loss_unknown_target_is_one_line_exit_2(tmp_path):
         errors = [line for line in proc.stderr.splitlines() if line.startswith("keras-ce: error:")]
         assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
         assert target.split(":")[0].split(">")[0] in errors[0], errors[0]
+
+
+def test_targets_flag_through_the_command():
+    """--targets sparse: integer labels, which the sparse loss takes and the one-hot
+    loss does not (so the flag reached the checks)."""
+    checks = "output_shape,shapes,reduction"
+    proc = _keras_ce(
+        "check-loss",
+        "customloss>SparseCategoricalCE",
+        "customloss>CategoricalCE",
+        "--targets",
+        "sparse",
+        "--checks",
+        checks,
+        "--json",
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    sparse, onehot = (
+        {c["check"]: c["result"] for c in r["checks"]} for r in json.loads(proc.stdout)
+    )
+    assert sparse == dict.fromkeys(checks.split(","), "passed"), sparse
+    assert "failed" in onehot.values(), onehot
+
+
+def test_expected_failed_flag_through_the_command():
+    """xfailed where the check fails; xpassed (exit 1) where it passes."""
+    proc = _keras_ce(
+        "check-loss",
+        f"{TUTORIAL}:Custom_CE_Loss",
+        f"{FIXED}:CategoricalCrossEntropy",
+        "--checks",
+        "finite",
+        "--expected-failed",
+        "finite=log(0) at probability 0",
+        "--json",
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    tutorial, fixed = (r["checks"][0] for r in json.loads(proc.stdout))
+    assert tutorial["result"] == "xfailed", tutorial
+    assert tutorial["reason"].startswith("expected to fail: log(0) at probability 0 ("), tutorial
+    assert fixed["result"] == "xpassed", fixed
+    assert fixed["fix"] == "remove it from expected_failed_checks", fixed
+
+
+def test_check_loss_unknown_check_is_one_line_exit_2():
+    proc = _keras_ce("check-loss", "customloss>CategoricalCE", "--checks", "nope")
+    assert proc.returncode == 2 and "Unknown loss check 'nope'" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr

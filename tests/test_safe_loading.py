@@ -3,8 +3,9 @@
 A fresh process crafts the files (a ``Lambda`` layer and a lambda loss that write a
 marker file when executed, config gadgets that name arbitrary modules, unknown
 ``customloss>`` names, and truncated/corrupted archives). Other fresh processes
-load them. The control test shows that the hostile files really do run their code
-once the user opts out of safe mode, so the "marker not written" checks can fail.
+load them. A control test per hostile file shows that its code really runs once
+safe mode is off (or, for the config gadgets Keras refuses even then, once what
+they name is resolved), so each "marker not written" check can fail.
 
 Two layers are tested: Keras' own ``load_model`` (it must refuse or raise, never run
 code) and the plugin's ``keras_ce_plugin.files.load_keras_model`` helper, which turns
@@ -242,6 +243,60 @@ def test_control_hostile_file_runs_code_once_user_opts_out(crafted, tmp_path, na
     try:
         run_python(code, cwd=REPO, timeout=300)
         assert marker.exists(), "the hostile file did not run its code even with safe_mode=False"
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+# Keras (3.15, and 3.8) refuses the three config gadgets even with safe_mode=False:
+# they name modules outside Keras. Their controls therefore run what each gadget's
+# entry names, as a loader that resolved it would (import `module`, call `class_name`
+# with `config`; for the toggle: switch safe mode off, then load the rest of the file),
+# proving the payloads are live: the "marker not written" checks above can fail.
+@pytest.mark.parametrize("name", ["module_exec", "module_os_system"])
+def test_control_config_gadget_runs_code_once_resolved(crafted, tmp_path, name):
+    copy = tmp_path / f"{name}.keras"
+    copy.write_bytes((crafted / f"{name}.keras").read_bytes())
+    marker = crafted / f"MARKER-{name}"
+    code = textwrap.dedent(
+        f"""
+        import importlib, json, zipfile
+        with zipfile.ZipFile({str(copy)!r}) as z:
+            entry = json.loads(z.read("config.json"))["config"]["layers"][1]
+        getattr(importlib.import_module(entry["module"]), entry["class_name"])(entry["config"])
+        """
+    )
+    try:
+        run_python(code, cwd=REPO, timeout=300)
+        assert marker.exists(), f"the {name} gadget's payload did not run when resolved"
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+def test_control_unsafe_toggle_runs_code_once_safe_mode_is_off(crafted, tmp_path):
+    """Had the toggle entry run (safe mode off), the file's Lambda would run at predict."""
+    copy = tmp_path / "unsafe_toggle.keras"
+    copy.write_bytes((crafted / "unsafe_toggle.keras").read_bytes())
+    marker = crafted / "MARKER-lambda_layer"  # the Lambda inside writes this marker
+    code = textwrap.dedent(
+        f"""
+        import json, zipfile
+        import numpy as np, keras
+        path = {str(copy)!r}
+        with zipfile.ZipFile(path) as z:
+            items = {{n: z.read(n) for n in z.namelist()}}
+        config = json.loads(items["config.json"])
+        entry = config["config"]["layers"].pop(1)  # what the toggle names, called:
+        getattr(keras.config, entry["config"])()
+        items["config.json"] = json.dumps(config).encode()
+        with zipfile.ZipFile(path, "w") as z:
+            for n, b in items.items():
+                z.writestr(n, b)
+        keras.models.load_model(path).predict(np.zeros((2, 4), "float32"), verbose=0)
+        """
+    )
+    try:
+        run_python(code, cwd=REPO, timeout=300)
+        assert marker.exists(), "the toggle's Lambda did not run with safe mode off"
     finally:
         marker.unlink(missing_ok=True)
 

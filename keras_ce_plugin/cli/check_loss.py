@@ -6,6 +6,7 @@ import argparse
 import json
 
 from keras_ce_plugin.cli._args import add_import_flag
+from keras_ce_plugin.errors import KerasCEError
 
 EXTRA = None  # the core install: no extra to name
 EXIT_FAILED_CHECKS = 1
@@ -43,7 +44,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="CHECK=REASON",
-        help="report CHECK as skipped with REASON (a known, documented limitation); repeatable",
+        help="CHECK is a known, documented limitation (REASON): reported as xfailed; if it "
+        "passes, xpassed, which fails the run; repeatable",
+    )
+    p.add_argument(
+        "--checks",
+        type=lambda text: [c.strip() for c in text.split(",") if c.strip()],
+        default=None,
+        metavar="CHECK[,CHECK...]",
+        help="run only these checks (default: all)",
     )
     p.add_argument("--json", action="store_true", help="print the report(s) as JSON")
     p.set_defaults(handler=check_loss_command, check=None, extra=EXTRA)
@@ -61,8 +70,14 @@ def check_loss_command(args: argparse.Namespace) -> int:
             "targets": args.target_kind,
             "expected_failed_checks": dict(args.expected_failed) or None,
             "module": module,
+            "checks": args.checks,
         }
         items.append((resolved.obj, kwargs))
+    from keras_ce_plugin.testing import CHECKS
+
+    for name in [*(args.checks or []), *dict(args.expected_failed)]:
+        if name not in CHECKS:
+            raise KerasCEError(f"Unknown loss check {name!r}. Valid checks: {', '.join(CHECKS)}")
     reports = check_losses(items)
     if args.json:
         payload = [report.to_dict() for report in reports]

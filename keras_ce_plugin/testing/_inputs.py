@@ -41,6 +41,7 @@ class Subject:
     partial: Batch
     reference: Callable | None = None
     module: str | None = None  # what a fresh process imports to get the loss
+    tmpdir: str = ""  # a scratch directory for the checks that save files
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -100,15 +101,32 @@ def describe(loss: Any) -> str:
     return f"{cls.__name__}({', '.join(args)})"
 
 
+def _same_rank(x1: Any, x2: Any) -> tuple[Any, Any]:
+    """Keras' rule for a loss function's arguments (``compile(loss=fn)`` applies it):
+    where the ranks differ by one and the longer ends in 1, squeeze it (or expand a
+    rank-1 other)."""
+    r1, r2 = len(x1.shape), len(x2.shape)
+    if r1 == r2 + 1 and x1.shape[-1] == 1:
+        if r2 == 1:
+            return x1, keras.ops.expand_dims(x2, -1)
+        return keras.ops.squeeze(x1, -1), x2
+    if r2 == r1 + 1 and x2.shape[-1] == 1:
+        if r1 == 1:
+            return keras.ops.expand_dims(x1, -1), x2
+        return x1, keras.ops.squeeze(x2, -1)
+    return x1, x2
+
+
 class FunctionLoss(keras.losses.Loss):
-    """A loss function as a Loss (Keras' own wrapper is not public)."""
+    """A loss function as a Loss, as ``compile(loss=fn)`` wraps it (Keras' own
+    wrapper is not public)."""
 
     def __init__(self, fn: Callable, reduction: str | None = "sum_over_batch_size") -> None:
         super().__init__(name=getattr(fn, "__name__", "loss"), reduction=reduction)
         self.fn = fn
 
     def call(self, y_true, y_pred):
-        return self.fn(y_true, y_pred)
+        return self.fn(*_same_rank(y_true, y_pred))
 
 
 def _as_loss(obj: Any) -> tuple[keras.losses.Loss, Callable | None]:
@@ -271,6 +289,8 @@ def value_and_grad(f: Callable[[Any], Any], y_pred: np.ndarray) -> tuple[Any, An
 
         x = torch.tensor(y_pred, requires_grad=True)
         value = f(x)
+        if not value.requires_grad:  # no path from y_pred to the value
+            return to_numpy(value.detach()), None
         value.backward()
         return to_numpy(value.detach()), None if x.grad is None else x.grad.numpy()
     raise NotImplementedError(f"gradients on the {backend} backend")

@@ -8,9 +8,18 @@ from typing import Any
 import keras
 import numpy as np
 
-from keras_ce_plugin.testing._checks import ATOL, RTOL, Outcome, first_line, with_reduction
-from keras_ce_plugin.testing._inputs import SEED, FunctionLoss, Subject, close, max_diff, to_numpy
-from keras_ce_plugin.testing._report import FAILED, PASSED, SKIPPED
+from keras_ce_plugin.testing._checks import ATOL, RTOL, floating
+from keras_ce_plugin.testing._inputs import (
+    SEED,
+    FunctionLoss,
+    Subject,
+    close,
+    max_diff,
+    to_numpy,
+    with_reduction,
+)
+from keras_ce_plugin.testing._report import FAILED, PASSED, first_line
+from keras_ce_plugin.testing._spec import Outcome, check
 
 # Under mixed precision the model computes in half precision; against the float32
 # model on the same rounded weights and inputs the loss moves by the half-precision
@@ -50,6 +59,28 @@ def _loss_value(model: keras.Model, s: Subject, training: bool = False) -> np.nd
     return to_numpy(model.compute_loss(x=b.x, y=b.y_true, y_pred=y_pred, training=training))
 
 
+def _in_a_fresh_process(s: Subject) -> Outcome:
+    raise NotImplementedError("run_many runs this check in a fresh process")
+
+
+check_keras_file = check(
+    "keras_file",
+    passes_when="a model compiled with the loss, trained one step and saved as ``.keras`` "
+    "loads in a fresh process importing only the loss's module and the plugin "
+    "(``safe_mode=True``, no ``custom_objects``) and gives the same loss",
+    fix="register the loss and make get_config()/from_config() round-trip",
+    needs="a fresh Python process (same backend)",
+    fresh=True,
+)(_in_a_fresh_process)
+
+
+@check(
+    "compile_by_name",
+    passes_when='``compile(loss="package>Name")`` gives the same values as the class built '
+    "with its defaults",
+    fix="register the loss (and `import keras_ce_plugin`); the class must build with its defaults",
+    needs="a registered name (else it fails)",
+)
 def check_compile_by_name(s: Subject) -> Outcome:
     if s.name is None:
         return FAILED, "no registered `package>Name` to compile by (see `registered`)"
@@ -75,7 +106,14 @@ def _metric_value(model: keras.Model, s: Subject) -> float:
     return float(values[0])
 
 
-def check_as_metric(s: Subject, tmpdir: str) -> Outcome:
+@check(
+    "as_metric",
+    passes_when='``metrics=["package>Name"]`` reports the mean of the per-sample values, and '
+    "the model reloads",
+    fix="register the loss and return per-sample values from call()",
+    needs="a registered name (else it fails)",
+)
+def check_as_metric(s: Subject) -> Outcome:
     if s.name is None:
         return FAILED, "no registered `package>Name` to use in metrics=[...] (see `registered`)"
     b = s.batch
@@ -92,7 +130,7 @@ def check_as_metric(s: Subject, tmpdir: str) -> Outcome:
             f"metrics=[{s.name!r}] reports {got:.6g}, the mean of the per-sample values "
             f"is {want:.6g}"
         )
-    path = os.path.join(tmpdir, "as_metric.keras")
+    path = os.path.join(s.tmpdir, "as_metric.keras")
     try:
         model.save(path)
         again = _metric_value(keras.models.load_model(path), s)
@@ -111,10 +149,16 @@ def _rounded(x: np.ndarray, policy: str) -> np.ndarray:
     return to_numpy(keras.ops.cast(keras.ops.cast(x, half), "float32"))
 
 
+@check(
+    "mixed_precision",
+    passes_when="inside a model under ``mixed_float16``/``mixed_bfloat16``, a finite float32 "
+    "loss close to the float32 model's",
+    fix="compute in float32: cast y_pred/y_true with ops.cast before the math",
+    needs="floating-point y_pred",
+    applies=floating,
+)
 def check_mixed_precision(s: Subject) -> Outcome:
     b = s.batch
-    if not np.issubdtype(b.y_pred.dtype, np.floating):
-        return SKIPPED, "y_pred is not floating point"
     notes = []
     for policy, tol in MIXED_TOL.items():
         model = build_model(s, dtype=policy)

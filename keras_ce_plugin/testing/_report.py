@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 PASSED, FAILED, SKIPPED, WARNING = "passed", "failed", "skipped", "warning"
+# An expected failure (``expected_failed_checks``) that failed, and one that passed:
+# like a strict xfail, a passing expected failure fails the report.
+XFAILED, XPASSED = "xfailed", "xpassed"
 
 
 def first_line(exc: BaseException) -> str:
@@ -29,7 +32,8 @@ class LossContractError(AssertionError):
 
 @dataclass
 class CheckResult:
-    """One check's outcome: ``passed``, ``failed``, ``skipped`` or ``warning``."""
+    """One check's outcome: ``passed``, ``failed``, ``skipped``, ``warning``, ``xfailed``
+    (an expected failure) or ``xpassed`` (an expected failure that passes: a failure)."""
 
     check: str
     result: str
@@ -67,9 +71,18 @@ class LossCheckReport:
         return self._ids(WARNING)
 
     @property
+    def xfailed(self) -> list[str]:
+        return self._ids(XFAILED)
+
+    @property
+    def xpassed(self) -> list[str]:
+        return self._ids(XPASSED)
+
+    @property
     def ok(self) -> bool:
-        """True when no check failed (skipped checks and warnings are allowed)."""
-        return not self.failed
+        """True when no check failed and no expected failure passed (skipped checks,
+        expected failures and warnings are allowed)."""
+        return not self.failed and not self.xpassed
 
     @property
     def details(self) -> dict[str, str]:
@@ -99,6 +112,8 @@ class LossCheckReport:
                 (FAILED, self.failed),
                 (SKIPPED, self.skipped),
                 ("warnings", self.warnings),
+                (XFAILED, self.xfailed),
+                (XPASSED, self.xpassed),
             )
             if ids
         )
@@ -107,8 +122,9 @@ class LossCheckReport:
 
     def error(self) -> LossContractError:
         """The exception ``check_loss`` raises: each failed check, why, and how to fix it."""
-        lines = [f"{self.loss} fails {len(self.failed)} loss check(s):"]
-        for check in self.failed:
+        bad = self.failed + self.xpassed
+        lines = [f"{self.loss} fails {len(bad)} loss check(s):"]
+        for check in bad:
             r = self.results[check]
             fix = f" Fix: {r.fix}" if r.fix else ""
             lines.append(f"  - {check}: {r.reason}.{fix}")

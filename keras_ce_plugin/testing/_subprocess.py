@@ -84,6 +84,14 @@ class Job:
         tail = lines[-1] if lines else f"exit status {self.proc.returncode}"
         return {"error": f"the {self.backend} process failed: {tail[:200]}"}
 
+    def close(self) -> None:
+        """Kills the process if it still runs (an error cut the run short); reaps it."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+
     def result(self, index: int) -> dict[str, Any]:
         if self._results is None:
             self._results = self._wait()
@@ -181,13 +189,27 @@ def _backend_values(job: dict[str, Any], data: Any, module: Any) -> dict[str, An
     return out
 
 
+def _custom_objects(task: dict[str, Any]) -> dict[str, Any]:
+    """``custom_objects`` rebuilt by name: each imported from its own module."""
+    objects = {}
+    for name, where in task.get("custom_objects", {}).items():
+        obj = _import_user(where["module"])
+        for part in where["qualname"].split("."):
+            obj = getattr(obj, part)
+        objects[name] = obj
+    return objects
+
+
 def _task(task: dict[str, Any]) -> dict[str, Any]:
+    import keras
+
     try:
         module = _import_user(task["module"])
         data = np.load(task["data"])
-        if task["task"] == "keras_file":
-            return _keras_file(task, data)
-        return _backend_values(task, data, module)
+        with keras.saving.custom_object_scope(_custom_objects(task)):
+            if task["task"] == "keras_file":
+                return _keras_file(task, data)
+            return _backend_values(task, data, module)
     except Exception as exc:  # noqa: BLE001 - reported to the parent
         return {"error": first_line(exc)}
 
