@@ -587,3 +587,27 @@ def test_tf_xla_jit_compile(rng):
     assert rel_err(val, loss.sum()) <= RTOL
     for g, e in zip(grads, (dh, dk, db)):
         assert rel_err(g, e) <= RTOL
+
+
+def test_frozen_kernel_gradient_skipped(rng):
+    """``kernel_grad=False``: the hidden gradient as the reference, no kernel gradient."""
+    from keras_ce_plugin.large_vocab.ops import fused_linear_ce_parts
+
+    h, k, b, y = data(rng)
+    w = rng.uniform(size=len(y)).astype("float32")
+    _, dh, _, _ = reference(h, k, y, b, w=w)
+    for strategy in ("recompute", "in_forward"):
+        val, (g,) = value_and_grads(
+            lambda hh, strategy=strategy: fused_linear_ce_parts(
+                hh, k, y, w, bias=b, kernel_grad=False, strategy=strategy, vocab_chunk_size=50
+            )[0],
+            h,
+        )
+        assert rel_err(g, dh) <= RTOL, strategy
+    if BACKEND == "tensorflow":  # the kernel is a constant of the custom gradient
+        import tensorflow as tf
+
+        kv = tf.Variable(k)
+        with tf.GradientTape() as tape:
+            val = fused_linear_ce_parts(h, kv, y, w, kernel_grad=False)[0]
+        assert tape.gradient(val, kv) is None

@@ -174,6 +174,7 @@ class LinearCE(_CrossEntropyLoss):
         sample_weight: Any = None,
         compute_grads: bool = True,
         mask: Any = None,
+        kernel_grad: bool = True,
     ) -> tuple[Any, Any, Any]:
         """The reduced loss of ``hidden @ kernel (+ bias)`` without the logits.
 
@@ -192,6 +193,7 @@ class LinearCE(_CrossEntropyLoss):
             sample_weight=sample_weight,
             compute_grads=compute_grads,
             mask=mask,
+            kernel_grad=kernel_grad,
         )
         return loss, correct, weights
 
@@ -207,6 +209,7 @@ class LinearCE(_CrossEntropyLoss):
         sample_weight: Any = None,
         compute_grads: bool = True,
         mask: Any = None,
+        kernel_grad: bool = True,
     ) -> tuple[Any, Any, Any, Any]:
         """:meth:`fused` plus the unweighted per-token losses (no gradient; for metrics)."""
         cap = self.effective_cap(logit_soft_cap)
@@ -229,6 +232,7 @@ class LinearCE(_CrossEntropyLoss):
             token_chunk_size=self.token_chunk_size,
             vocab_chunk_size=self.vocab_chunk_size,
             compute_grads=compute_grads,
+            kernel_grad=kernel_grad,
         )
         return ops.cast(loss, self.dtype), correct, weights, ops.reshape(per_token, shape)
 

@@ -218,9 +218,14 @@ def fused_linear_ce_parts(
     vocab_chunk_size: int | None = None,
     compute_grads: bool = True,
     strategy: str = "recompute",
+    kernel_grad: bool = True,
 ) -> tuple[Any, Any, Any]:
     """:func:`fused_linear_ce_sum`, plus the ``(N,)`` per-token losses (no gradient;
-    0 on skipped rows), for metrics that reuse the training pass."""
+    0 on skipped rows), for metrics that reuse the training pass.
+
+    ``kernel_grad=False`` (a frozen head: LoRA, a frozen embedding) treats the kernel
+    (and bias) as constants: the ``d x V`` gradient and one matmul per chunk are skipped.
+    """
     if strategy not in ("recompute", "in_forward"):
         raise ValueError(
             f"`strategy` must be 'recompute' or 'in_forward'. Received: strategy={strategy!r}"
@@ -274,21 +279,25 @@ def fused_linear_ce_parts(
             def grad(*args, upstream=None):
                 up = ops.cast(_upstream(args, upstream), "float32")
                 scaled = rows._replace(u=rows.u * up)
-                dh, dk, db, _, _ = _grads(impl, scaled, k, b, spec, lse_b, False)
-                return _out_grads(h, k, b, dh, dk, db)
+                dh, dk, db, _, _ = _grads(impl, scaled, k, b, spec, lse_b, False, kernel_grad)
+                return _out_grads(h, k, b if kernel_grad else None, dh, dk, db)
 
             return parts, grad
 
-        dh, dk, db, loss_b, amax_b = _grads(impl, rows, k, b, spec, None, True)
+        dh, dk, db, loss_b, amax_b = _grads(impl, rows, k, b, spec, None, True, kernel_grad)
         parts = correct_of(rows, loss_b, amax_b)
 
         def grad_in_forward(*args, upstream=None):
             up = ops.cast(_upstream(args, upstream), "float32")
-            return tuple(impl.scale(g, up) for g in _out_grads(h, k, b, dh, dk, db))
+            grads = _out_grads(h, k, b if kernel_grad else None, dh, dk, db)
+            return tuple(impl.scale(g, up) for g in grads)
 
         return parts, grad_in_forward
 
-    if bias is None:
+    if not kernel_grad:
+        kernel, bias = ops.stop_gradient(kernel), None if bias is None else ops.stop_gradient(bias)
+        out = impl.custom_gradient(lambda h: run(h, kernel, bias))(hidden)
+    elif bias is None:
         out = impl.custom_gradient(lambda h, k: run(h, k, None))(hidden, kernel)
     else:
         out = impl.custom_gradient(run)(hidden, kernel, bias)
