@@ -611,3 +611,40 @@ def test_frozen_kernel_gradient_skipped(rng):
         with tf.GradientTape() as tape:
             val = fused_linear_ce_parts(h, kv, y, w, kernel_grad=False)[0]
         assert tape.gradient(val, kv) is None
+
+
+@pytest.mark.parametrize("cap", [None, 3.0])
+def test_z_loss_and_lse_match_reference(rng, cap):
+    """PaLM's z-loss (z * lse**2 per token): value and gradients vs float64 NumPy."""
+    z = 1e-2  # large enough that a missing term or gradient exceeds the tolerance
+    h, k, b, y = data(rng)
+    w = rng.uniform(size=len(y)).astype("float32")
+    s = (h.astype(np.float64) @ k + b).astype(np.float64)
+    if cap:
+        s = cap * np.tanh(s / cap)
+    m = s.max(1, keepdims=True)
+    lse = np.log(np.exp(s - m).sum(1)) + m[:, 0]
+    loss = lse - s[np.arange(len(y)), y] + z * lse**2
+    kw = {"bias": b, "logit_soft_cap": cap, "vocab_chunk_size": 50, "token_chunk_size": 8}
+    got, got_lse = linear_ce(h, k, y, z_loss=z, return_lse=True, **kw)
+    assert rel_err(got, loss) <= RTOL and rel_err(got_lse, lse) <= RTOL
+    # Gradient: the reference's plus 2 z lse softmax (times the cap's derivative).
+    _, dh, dk, _ = reference(h, k, y, b, cap=cap, w=w)
+    p = np.exp(s - lse[:, None])
+    extra = (2 * z * lse * w)[:, None] * p
+    if cap:
+        extra = extra * (1 - (s / cap) ** 2)
+    dh, dk = dh + extra @ k.T.astype(np.float64), dk + h.T.astype(np.float64) @ extra
+    _, (gh, gk) = value_and_grads(
+        lambda hh, kk: ops.sum(ops.multiply(linear_ce(hh, kk, y, z_loss=z, **kw), w)), h, k
+    )
+    assert rel_err(gh, dh) <= RTOL and rel_err(gk, dk) <= RTOL
+    logits = h @ k + b
+    if cap:
+        logits = cap * np.tanh(logits / cap)
+    ours = LinearCE(z_loss=z, reduction=None)(y, logits)
+    assert rel_err(ours, loss) <= RTOL
+    fused, _, _ = LinearCE(z_loss=z, reduction="sum").fused(
+        h, k, y, bias=b, logit_soft_cap=cap, sample_weight=w
+    )
+    assert rel_err(fused, (loss * w).sum()) <= RTOL

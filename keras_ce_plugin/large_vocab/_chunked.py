@@ -35,6 +35,7 @@ class _Spec(NamedTuple):
     smoothing: float
     tn: int
     tv: int
+    zloss: float = 0.0  # PaLM's z-loss coefficient: loss += zloss * lse**2
 
 
 def _backend() -> Any:
@@ -128,7 +129,9 @@ def _matmul(impl, h, w, spec: _Spec):
 
 
 @functools.lru_cache(maxsize=64)
-def _elementwise(backend: str, cap: float | None, smoothing: float, vocab: int, bias: bool):
+def _elementwise(
+    backend: str, cap: float | None, smoothing: float, vocab: int, bias: bool, zloss: float = 0.0
+):
     """The per-chunk elementwise work, compiled into one fused kernel per backend.
 
     ``fold(z, b, lab, c0, m, total, tgt, ssum, amax)`` folds the pre-bias logits ``z`` of
@@ -160,6 +163,8 @@ def _elementwise(backend: str, cap: float | None, smoothing: float, vocab: int, 
         cols = c0 + ops.arange(0, ops.shape(s)[1], dtype="int32")
         is_t = ops.equal(lab[:, None], cols[None, :])
         g = ops.exp(s - lse[:, None])
+        if zloss:  # d(zloss * lse**2)/ds = 2 * zloss * lse * softmax
+            g = g * (1.0 + 2.0 * zloss * lse[:, None])
         g = ops.where(is_t, g - (1.0 - smoothing), g)
         if smoothing:
             g = g - smoothing / vocab
@@ -173,7 +178,7 @@ def _elementwise(backend: str, cap: float | None, smoothing: float, vocab: int, 
 
 def _kernels(spec: _Spec, bias):
     return _elementwise(
-        keras.backend.backend(), spec.cap, spec.smoothing, spec.vocab, bias is not None
+        keras.backend.backend(), spec.cap, spec.smoothing, spec.vocab, bias is not None, spec.zloss
     )
 
 
@@ -192,6 +197,8 @@ def _finish(state, spec: _Spec):
     loss = lse - (1.0 - spec.smoothing) * tgt
     if spec.smoothing:
         loss = loss - (spec.smoothing / spec.vocab) * ssum
+    if spec.zloss:
+        loss = loss + spec.zloss * ops.square(lse)
     return loss, lse, amax
 
 

@@ -205,11 +205,12 @@ class LinearCEModel(keras.Model):
                 )
             cap, head_cap = caps
             values = per_token
-            same = (fn.ignore_class, fn.label_smoothing, fn.effective_cap(head_cap)) == (
-                loss_fn.ignore_class,
-                loss_fn.label_smoothing,
-                cap,
-            )
+            same = (
+                fn.ignore_class,
+                fn.label_smoothing,
+                fn.z_loss,
+                fn.effective_cap(head_cap),
+            ) == (loss_fn.ignore_class, loss_fn.label_smoothing, loss_fn.z_loss, cap)
             # The loss skipped the tokens of weight 0, which an unweighted metric counts.
             if not same or not (weighted or sample_weight is None):
                 values = fn.fused_parts(

@@ -55,6 +55,7 @@ def _prepare(
     vocab_chunk_size: int | None,
     *,
     fused: bool,
+    z_loss: float = 0.0,
 ) -> tuple[Any, Any, Any, Any, Any]:
     """Validated inputs and the chunking spec shared by both entry points."""
     hidden, kernel, bias, ignore_class, smoothing = _inputs(
@@ -71,7 +72,13 @@ def _prepare(
         _check_chunk("vocab_chunk_size", vocab_chunk_size),
         fused=fused,
     )
-    return hidden, kernel, bias, ignore_class, spec
+    return hidden, kernel, bias, ignore_class, spec._replace(zloss=_check_z_loss(z_loss))
+
+
+def _check_z_loss(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"`z_loss` must be a float in [0, 1). Received: z_loss={value!r}")
+    return float(value)
 
 
 def linear_ce(
@@ -86,6 +93,8 @@ def linear_ce(
     logit_soft_cap: float | None = None,
     token_chunk_size: int | None = None,
     vocab_chunk_size: int | None = None,
+    z_loss: float = 0.0,
+    return_lse: bool = False,
 ) -> Any:
     """Per-token sparse cross-entropy of ``hidden @ kernel (+ bias)``, chunked.
 
@@ -105,10 +114,13 @@ def linear_ce(
         label_smoothing: In [0, 1], as Keras' ``CategoricalCrossentropy``.
         logit_soft_cap: Optional positive cap (Gemma 2 soft-capping).
         token_chunk_size, vocab_chunk_size: Chunk sizes (defaults from a sweep).
+        z_loss: PaLM's z-loss coefficient (e.g. ``1e-4``): each token adds
+            ``z_loss * lse**2``, ``lse`` the log-sum-exp of its (capped) logits.
+        return_lse: Also return the per-token log-sum-exp (no gradient).
 
     Returns:
         float32 per-token losses of shape ``labels``'s (0 where ignored; NaN for labels
-        outside ``[0, V)``).
+        outside ``[0, V)``); with ``return_lse``, ``(losses, lse)``.
     """
     hidden, kernel, bias, ignore_class, spec = _prepare(
         hidden,
@@ -122,6 +134,7 @@ def linear_ce(
         token_chunk_size,
         vocab_chunk_size,
         fused=False,
+        z_loss=z_loss,
     )
     impl = _backend()
     lead = ops.shape(hidden)[:-1]
@@ -135,6 +148,7 @@ def linear_ce(
         rows = _rows(h2, safe, active, ones, spec, sort=keep is not None)
         loss_b, lse_b, _ = _forward(impl, rows, k, b, spec)
         loss = _unsort(rows, ops.reshape(loss_b, (-1,)))
+        lse = _unsort(rows, ops.reshape(lse_b, (-1,)))
 
         def grad(*args, upstream=None):
             up = ops.reshape(ops.cast(_upstream(args, upstream), "float32"), (-1,))
@@ -147,17 +161,19 @@ def linear_ce(
             dh, dk, db, _, _ = _grads(impl, rows._replace(u=up), k, b, spec, lse_b, False)
             return _out_grads(h, k, b, dh, dk, db)
 
-        return loss, grad
+        return (loss, lse), grad
 
     if bias is None:
-        loss = impl.custom_gradient(lambda h, k: run(h, k, None))(hidden, kernel)
+        loss, lse = impl.custom_gradient(lambda h, k: run(h, k, None))(hidden, kernel)
     else:
-        loss = impl.custom_gradient(run)(hidden, kernel, bias)
+        loss, lse = impl.custom_gradient(run)(hidden, kernel, bias)
     nan_or_zero = ops.where(in_range, 0.0, float("nan"))
     if keep is not None:
         nan_or_zero = ops.where(keep, nan_or_zero, 0.0)
-    loss = ops.where(active, loss, nan_or_zero)
-    return ops.reshape(loss, lead)
+    loss = ops.reshape(ops.where(active, loss, nan_or_zero), lead)
+    if return_lse:
+        return loss, ops.reshape(ops.stop_gradient(lse), lead)
+    return loss
 
 
 def fused_linear_ce_sum(
@@ -219,6 +235,7 @@ def fused_linear_ce_parts(
     compute_grads: bool = True,
     strategy: str = "recompute",
     kernel_grad: bool = True,
+    z_loss: float = 0.0,
 ) -> tuple[Any, Any, Any]:
     """:func:`fused_linear_ce_sum`, plus the ``(N,)`` per-token losses (no gradient;
     0 on skipped rows), for metrics that reuse the training pass.
@@ -242,6 +259,7 @@ def fused_linear_ce_parts(
         token_chunk_size,
         vocab_chunk_size,
         fused=compute_grads and strategy == "in_forward",
+        z_loss=z_loss,
     )
     impl = _backend()
     lab, in_range, keep = _labels(labels, spec.vocab, ignore_class)
