@@ -193,7 +193,7 @@ def _run_case(args: argparse.Namespace, case: str, method: str) -> dict:
         str(args.tokens),
         "--repeats",
         str(args.repeats),
-    ]
+    ] + (["--hub"] if args.hub else [])
     for flag, value in (("--token-chunk", args.token_chunk), ("--vocab-chunk", args.vocab_chunk)):
         if value:
             cmd += [flag, str(value)]
@@ -201,6 +201,81 @@ def _run_case(args: argparse.Namespace, case: str, method: str) -> dict:
     if proc.returncode:
         raise RuntimeError(f"{case} {method} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _hub_child(args: argparse.Namespace) -> None:
+    """One ``fit`` run of a Gemma-shaped keras-hub model: naive or fused (own process)."""
+    import keras
+    import keras_hub
+    import numpy as np
+    import tensorflow as tf
+
+    from keras_ce_plugin.large_vocab import fused_trainer
+
+    dim, vocab = (int(v) for v in args.case.split("x"))
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.GemmaBackbone(
+        vocabulary_size=vocab,
+        num_layers=2,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        hidden_dim=dim,
+        intermediate_dim=2 * dim,
+        head_dim=dim // 2,
+    )
+    lm = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
+    seq = 512
+    n = max(1, args.tokens // seq)
+    ids = np.random.default_rng(0).integers(1, vocab, (n, seq)).astype("int32")
+    x = {"token_ids": ids, "padding_mask": np.ones_like(ids, bool)}
+    y = np.roll(ids, -1, 1)
+    model = lm if args.method == "naive" else fused_trainer(lm)
+    model.compile(
+        optimizer=keras.optimizers.SGD(1e-3),
+        **({"weighted_metrics": []} if args.method == "naive" else {}),
+    )
+    model.fit(x, y, batch_size=n, epochs=1, verbose=0)  # trace + warm-up step
+    tf.config.experimental.reset_memory_stats("CPU:0")
+    base = tf.config.experimental.get_memory_info("CPU:0")["current"]
+    _reset_peak()
+    rss0 = _status_kib("VmRSS")
+
+    def run():
+        model.fit(x, y, batch_size=n, epochs=1, verbose=0)
+
+    times, cpu = _timed(run, args.repeats)
+    peak = tf.config.experimental.get_memory_info("CPU:0")["peak"] - base
+    rss = (_status_kib("VmHWM") - rss0) * 1024
+    print(
+        json.dumps(
+            {
+                "median_s": statistics.median(times),
+                "cpu_s": statistics.median(cpu),
+                "peak_gib": peak / GIB,
+                "rss_gib": rss / GIB,
+            }
+        )
+    )
+
+
+def _hub(args: argparse.Namespace) -> None:
+    """``--hub``: naive ``GemmaCausalLM.fit`` vs ``fused_trainer`` (TensorFlow), interleaved."""
+    cases = args.cases.split(",") if args.cases != ",".join(CASES) else ["128x256000"]
+    print(f"hub N={args.tokens} repeats={args.repeats} load={os.getloadavg()}")
+    print(
+        f"{'case dxV':>12} {'method':>7} {'step s':>7} {'cpu s':>7} {'x naive':>8} "
+        f"{'peak GiB':>9} {'rss GiB':>8}"
+    )
+    for case in cases:
+        results = {m: _run_case(args, case, m) for m in ("naive", "fused")}
+        for m, r in results.items():
+            ratio = r["cpu_s"] / results["naive"]["cpu_s"]
+            print(
+                f"{case:>12} {m:>7} {r['median_s']:7.2f} {r['cpu_s']:7.2f} {ratio:8.2f} "
+                f"{r['peak_gib']:9.3f} {r['rss_gib']:8.3f}",
+                flush=True,
+            )
+    print(f"load after: {os.getloadavg()}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -213,12 +288,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--token-chunk", type=int, default=None)
     p.add_argument("--vocab-chunk", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="only d=512, V=32768")
+    p.add_argument("--hub", action="store_true", help="a Gemma-shaped keras-hub fit (V=256000)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--case", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        _child(args)
+        _hub_child(args) if args.hub else _child(args)
+        return
+    if args.hub:
+        _hub(args)
         return
     cases = ["512x32768"] if args.quick else args.cases.split(",")
     methods = args.methods.split(",")

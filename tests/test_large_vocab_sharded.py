@@ -259,7 +259,13 @@ def test_eight_devices_subprocess(monkeypatch):
         pytest.skip("this is the 8-device process")
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     monkeypatch.setenv(FLAG, "1")
-    summary = run_pytest(
-        "tests/test_large_vocab_sharded.py", "-k", "not subprocess", backend="jax", timeout=900
+    # 7 tests run there; the one deselected is this test itself.
+    run_pytest(
+        "tests/test_large_vocab_sharded.py",
+        "-k",
+        "not subprocess",
+        backend="jax",
+        min_passed=7,
+        max_skipped=1,
+        timeout=900,
     )
-    assert "skipped" not in summary or not os.environ.get("CI"), summary

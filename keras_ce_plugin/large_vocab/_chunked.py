@@ -35,6 +35,7 @@ class _Spec(NamedTuple):
     smoothing: float
     tn: int
     tv: int
+    zloss: float = 0.0  # PaLM's z-loss coefficient: loss += zloss * lse**2
 
 
 def _backend() -> Any:
@@ -128,7 +129,9 @@ def _matmul(impl, h, w, spec: _Spec):
 
 
 @functools.lru_cache(maxsize=64)
-def _elementwise(backend: str, cap: float | None, smoothing: float, vocab: int, bias: bool):
+def _elementwise(
+    backend: str, cap: float | None, smoothing: float, vocab: int, bias: bool, zloss: float = 0.0
+):
     """The per-chunk elementwise work, compiled into one fused kernel per backend.
 
     ``fold(z, b, lab, c0, m, total, tgt, ssum, amax)`` folds the pre-bias logits ``z`` of
@@ -160,6 +163,8 @@ def _elementwise(backend: str, cap: float | None, smoothing: float, vocab: int, 
         cols = c0 + ops.arange(0, ops.shape(s)[1], dtype="int32")
         is_t = ops.equal(lab[:, None], cols[None, :])
         g = ops.exp(s - lse[:, None])
+        if zloss:  # d(zloss * lse**2)/ds = 2 * zloss * lse * softmax
+            g = g * (1.0 + 2.0 * zloss * lse[:, None])
         g = ops.where(is_t, g - (1.0 - smoothing), g)
         if smoothing:
             g = g - smoothing / vocab
@@ -173,7 +178,7 @@ def _elementwise(backend: str, cap: float | None, smoothing: float, vocab: int, 
 
 def _kernels(spec: _Spec, bias):
     return _elementwise(
-        keras.backend.backend(), spec.cap, spec.smoothing, spec.vocab, bias is not None
+        keras.backend.backend(), spec.cap, spec.smoothing, spec.vocab, bias is not None, spec.zloss
     )
 
 
@@ -192,6 +197,8 @@ def _finish(state, spec: _Spec):
     loss = lse - (1.0 - spec.smoothing) * tgt
     if spec.smoothing:
         loss = loss - (spec.smoothing / spec.vocab) * ssum
+    if spec.zloss:
+        loss = loss + spec.zloss * ops.square(lse)
     return loss, lse, amax
 
 
@@ -284,8 +291,11 @@ def _forward(impl, rows: _Rows, kernel, bias, spec: _Spec):
     return ops.fori_loop(0, rows.n_chunks, body, init)
 
 
-def _grads(impl, rows: _Rows, kernel, bias, spec: _Spec, lse_b, fused: bool):
+def _grads(impl, rows: _Rows, kernel, bias, spec: _Spec, lse_b, fused: bool, kernel_grad=True):
     """Gradients of sum(u * loss) w.r.t. hidden (sorted rows), kernel and bias.
+
+    Without ``kernel_grad`` (a frozen head) the ``d x V`` gradient and its matmul are
+    skipped (``dk`` is None).
 
     With ``fused``, the loss, argmax and gradients come from one pass that keeps a
     token chunk's whole logits row; otherwise each logits chunk is recomputed with
@@ -316,22 +326,31 @@ def _grads(impl, rows: _Rows, kernel, bias, spec: _Spec, lse_b, fused: bool):
             g, g_sum = dlogits(z, _bias_chunk(bias, c0, c1), lab, _i32(c0), lse, u)
             part = ops.matmul(g, w) if spec.transpose else impl.mm_nt(g, w)
             dh = part if dh is None else dh + part
-            blk = impl.mm_tn(g, h) if spec.transpose else impl.mm_tn(h, g)
-            dk = impl.add_kernel_grad(dk, blk, c0, spec.dim, spec.vocab, spec.tv, spec.transpose)
+            if kernel_grad:
+                blk = impl.mm_tn(g, h) if spec.transpose else impl.mm_tn(h, g)
+                dk = impl.add_kernel_grad(
+                    dk, blk, c0, spec.dim, spec.vocab, spec.tv, spec.transpose
+                )
+            else:  # keeps the chunks in order, as the kernel gradient does
+                dk = impl.after(dk, part)
             if bias is not None:
                 db[k] = db[k] + g_sum
         return impl.set_row(dh_b, i, dh), dk, tuple(db), loss_b, amax_b
 
     init = (
         impl.zeros((total, spec.tn, spec.dim)),
-        impl.kernel_grad_buffer(spec.dim, spec.vocab, spec.tv, spec.transpose),
+        (
+            impl.kernel_grad_buffer(spec.dim, spec.vocab, spec.tv, spec.transpose)
+            if kernel_grad
+            else ops.zeros((1,))
+        ),
         tuple(ops.zeros((c1 - c0,), "float32") for c0, c1 in chunks) if bias is not None else (),
         impl.zeros((total, spec.tn)) if fused else ops.zeros((1,)),
         impl.zeros((total, spec.tn), "int32") if fused else ops.zeros((1,), "int32"),
     )
     dh_b, dk, db, loss_b, amax_b = ops.fori_loop(0, rows.n_chunks, body, init)
     dh = _unsort(rows, ops.reshape(dh_b, (-1, spec.dim)))
-    dk = impl.finish_kernel_grad(dk, spec.dim, spec.vocab, spec.transpose)
+    dk = impl.finish_kernel_grad(dk, spec.dim, spec.vocab, spec.transpose) if kernel_grad else None
     db = ops.concatenate(list(db), axis=0) if bias is not None else None
     return dh, dk, db, loss_b, amax_b
 
@@ -356,10 +375,9 @@ def _upstream(args: tuple, upstream: Any) -> Any:
 
 
 def _out_grads(hidden, kernel, bias, dh, dk, db):
-    grads = [
-        ops.reshape(ops.cast(dh, hidden.dtype), ops.shape(hidden)),
-        dk if dk.dtype == kernel.dtype else ops.cast(dk, kernel.dtype),
-    ]
+    grads = [ops.reshape(ops.cast(dh, hidden.dtype), ops.shape(hidden))]
+    if dk is not None:  # None: the kernel is a constant of the custom gradient
+        grads.append(dk if dk.dtype == kernel.dtype else ops.cast(dk, kernel.dtype))
     if bias is not None:
         grads.append(ops.cast(db, bias.dtype))
     return tuple(grads)

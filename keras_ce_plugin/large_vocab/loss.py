@@ -8,7 +8,7 @@ import keras
 from keras import ops
 
 from keras_ce_plugin.large_vocab._chunked import _check_cap, _check_chunk
-from keras_ce_plugin.large_vocab.ops import fused_linear_ce_parts
+from keras_ce_plugin.large_vocab.ops import _check_z_loss, fused_linear_ce_parts
 from keras_ce_plugin.losses import (
     _check_ignore_class,
     _check_label_smoothing,
@@ -54,7 +54,8 @@ class LinearCE(_CrossEntropyLoss):
 
     With ``ignore_class`` (or a Keras mask on ``y_pred``, e.g. from
     ``Embedding(mask_zero=True)``), ``"sum_over_batch_size"``/``"mean"`` average over
-    the other tokens, as Keras' built-in does. ``reduction=None`` returns the
+    the other tokens, as Keras' built-in does. ``z_loss`` adds PaLM's
+    ``z_loss * logsumexp(logits)**2`` per token (``1e-4`` in PaLM). ``reduction=None`` returns the
     per-token values times their weights (as Keras' losses do), which makes the
     class usable as a metric (``metrics=["customloss>LinearCE"]``); ``fit`` then
     follows the gradient of their sum, as Keras' ``fit`` does.
@@ -67,6 +68,7 @@ class LinearCE(_CrossEntropyLoss):
         logit_soft_cap: float | None = None,
         token_chunk_size: int | None = None,
         vocab_chunk_size: int | None = None,
+        z_loss: float = 0.0,
         reduction: str | None = "sum_over_batch_size",
         name: str = "linear_ce",
         dtype: Any = None,
@@ -81,6 +83,7 @@ class LinearCE(_CrossEntropyLoss):
         self.logit_soft_cap = _check_cap(logit_soft_cap)
         self.token_chunk_size = _check_chunk("token_chunk_size", token_chunk_size)
         self.vocab_chunk_size = _check_chunk("vocab_chunk_size", vocab_chunk_size)
+        self.z_loss = _check_z_loss(z_loss)
 
     # -- on logits (evaluate, predict-time checks) ------------------------------
     def __call__(self, y_true, y_pred, sample_weight=None):
@@ -114,6 +117,8 @@ class LinearCE(_CrossEntropyLoss):
         if self.label_smoothing:
             eps = self.label_smoothing
             nll = (1.0 - eps) * nll - eps * ops.mean(log_p, axis=-1)
+        if self.z_loss:
+            nll = nll + self.z_loss * ops.square(ops.logsumexp(logits, axis=-1))
         bad = ops.logical_or(labels < 0, labels >= vocab)
         nll = ops.where(bad, float("nan"), nll)
         if self.ignore_class is not None:
@@ -174,6 +179,7 @@ class LinearCE(_CrossEntropyLoss):
         sample_weight: Any = None,
         compute_grads: bool = True,
         mask: Any = None,
+        kernel_grad: bool = True,
     ) -> tuple[Any, Any, Any]:
         """The reduced loss of ``hidden @ kernel (+ bias)`` without the logits.
 
@@ -192,6 +198,7 @@ class LinearCE(_CrossEntropyLoss):
             sample_weight=sample_weight,
             compute_grads=compute_grads,
             mask=mask,
+            kernel_grad=kernel_grad,
         )
         return loss, correct, weights
 
@@ -207,6 +214,7 @@ class LinearCE(_CrossEntropyLoss):
         sample_weight: Any = None,
         compute_grads: bool = True,
         mask: Any = None,
+        kernel_grad: bool = True,
     ) -> tuple[Any, Any, Any, Any]:
         """:meth:`fused` plus the unweighted per-token losses (no gradient; for metrics)."""
         cap = self.effective_cap(logit_soft_cap)
@@ -229,6 +237,8 @@ class LinearCE(_CrossEntropyLoss):
             token_chunk_size=self.token_chunk_size,
             vocab_chunk_size=self.vocab_chunk_size,
             compute_grads=compute_grads,
+            kernel_grad=kernel_grad,
+            z_loss=self.z_loss,
         )
         return ops.cast(loss, self.dtype), correct, weights, ops.reshape(per_token, shape)
 
@@ -251,4 +261,5 @@ class LinearCE(_CrossEntropyLoss):
             "logit_soft_cap": self.logit_soft_cap,
             "token_chunk_size": self.token_chunk_size,
             "vocab_chunk_size": self.vocab_chunk_size,
+            "z_loss": self.z_loss,
         }

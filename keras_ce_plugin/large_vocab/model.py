@@ -111,22 +111,34 @@ class LinearCEModel(keras.Model):
         return loss if isinstance(loss, LinearCE) else None
 
     def head_weights(self) -> dict[str, Any]:
-        """The kernel, bias, layout and soft cap of ``head``."""
+        """The kernel, bias, layout and soft cap of ``head``, as its logits use them.
+
+        The kernel is cast to the dtype of the head's matmul (its ``reverse_dtype``,
+        else its compute dtype: bfloat16 under ``mixed_bfloat16``), as the head casts
+        it; ``kernel_grad`` is False for a frozen head (e.g. LoRA elsewhere).
+        """
         head = self.head
         if isinstance(head, keras.layers.ReversibleEmbedding):
             tied = head.tie_weights
-            return {
+            dtype = head.reverse_dtype or head.compute_dtype
+            weights = {
                 "kernel": head.embeddings if tied else head.reverse_embeddings,
                 "bias": None,
                 "transpose_kernel": tied,
                 "logit_soft_cap": head.logit_soft_cap,
             }
-        return {
-            "kernel": head.kernel,
-            "bias": head.bias if head.use_bias else None,
-            "transpose_kernel": False,
-            "logit_soft_cap": None,
-        }
+        else:
+            dtype = head.compute_dtype
+            weights = {
+                "kernel": head.kernel,
+                "bias": head.bias if head.use_bias else None,
+                "transpose_kernel": False,
+                "logit_soft_cap": None,
+            }
+        if keras.backend.standardize_dtype(weights["kernel"].dtype) != dtype:
+            weights["kernel"] = ops.cast(weights["kernel"], dtype)
+        weights["kernel_grad"] = bool(head.trainable)
+        return weights
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         loss_fn = self._fused_loss
@@ -138,6 +150,9 @@ class LinearCEModel(keras.Model):
         head_cap = head.pop("logit_soft_cap")
         cap = loss_fn.effective_cap(head_cap)
         if self._returned_hidden:
+            dtype = keras.backend.standardize_dtype(head["kernel"].dtype)
+            if keras.backend.standardize_dtype(y_pred.dtype) != dtype:  # as the head casts
+                y_pred = ops.cast(y_pred, dtype)
             loss, correct, weights, per_token = loss_fn.fused_parts(
                 y_pred, sample_weight=sample_weight, labels=y, logit_soft_cap=head_cap, **head
             )
@@ -190,11 +205,12 @@ class LinearCEModel(keras.Model):
                 )
             cap, head_cap = caps
             values = per_token
-            same = (fn.ignore_class, fn.label_smoothing, fn.effective_cap(head_cap)) == (
-                loss_fn.ignore_class,
-                loss_fn.label_smoothing,
-                cap,
-            )
+            same = (
+                fn.ignore_class,
+                fn.label_smoothing,
+                fn.z_loss,
+                fn.effective_cap(head_cap),
+            ) == (loss_fn.ignore_class, loss_fn.label_smoothing, loss_fn.z_loss, cap)
             # The loss skipped the tokens of weight 0, which an unweighted metric counts.
             if not same or not (weighted or sample_weight is None):
                 values = fn.fused_parts(

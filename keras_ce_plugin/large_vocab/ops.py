@@ -56,6 +56,7 @@ def _prepare(
     vocab_chunk_size: int | None,
     *,
     fused: bool,
+    z_loss: float = 0.0,
 ) -> tuple[Any, Any, Any, Any, Any]:
     """Validated inputs and the chunking spec shared by both entry points."""
     hidden, kernel, bias, ignore_class, smoothing = _inputs(
@@ -72,7 +73,13 @@ def _prepare(
         _check_chunk("vocab_chunk_size", vocab_chunk_size),
         fused=fused,
     )
-    return hidden, kernel, bias, ignore_class, spec
+    return hidden, kernel, bias, ignore_class, spec._replace(zloss=_check_z_loss(z_loss))
+
+
+def _check_z_loss(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"`z_loss` must be a float in [0, 1). Received: z_loss={value!r}")
+    return float(value)
 
 
 def linear_ce(
@@ -87,6 +94,8 @@ def linear_ce(
     logit_soft_cap: float | None = None,
     token_chunk_size: int | None = None,
     vocab_chunk_size: int | None = None,
+    z_loss: float = 0.0,
+    return_lse: bool = False,
 ) -> Any:
     """Per-token sparse cross-entropy of ``hidden @ kernel (+ bias)``, chunked.
 
@@ -106,10 +115,13 @@ def linear_ce(
         label_smoothing: In [0, 1], as Keras' ``CategoricalCrossentropy``.
         logit_soft_cap: Optional positive cap (Gemma 2 soft-capping).
         token_chunk_size, vocab_chunk_size: Chunk sizes (defaults from a sweep).
+        z_loss: PaLM's z-loss coefficient (e.g. ``1e-4``): each token adds
+            ``z_loss * lse**2``, ``lse`` the log-sum-exp of its (capped) logits.
+        return_lse: Also return the per-token log-sum-exp (no gradient).
 
     Returns:
         float32 per-token losses of shape ``labels``'s (0 where ignored; NaN for labels
-        outside ``[0, V)``).
+        outside ``[0, V)``); with ``return_lse``, ``(losses, lse)``.
     """
     given_kernel = kernel  # a Keras variable carries its layout (sharded path)
     hidden, kernel, bias, ignore_class, spec = _prepare(
@@ -124,6 +136,7 @@ def linear_ce(
         token_chunk_size,
         vocab_chunk_size,
         fused=False,
+        z_loss=z_loss,
     )
     plan = _sharded.plan(hidden, given_kernel, spec)
     impl = _backend()
@@ -138,6 +151,7 @@ def linear_ce(
         rows = _rows(h2, safe, active, ones, spec, sort=keep is not None)
         loss_b, lse_b, _ = _forward(impl, rows, k, b, spec)
         loss = _unsort(rows, ops.reshape(loss_b, (-1,)))
+        lse = _unsort(rows, ops.reshape(lse_b, (-1,)))
 
         def grad(*args, upstream=None):
             up = ops.reshape(ops.cast(_upstream(args, upstream), "float32"), (-1,))
@@ -150,19 +164,32 @@ def linear_ce(
             dh, dk, db, _, _ = _grads(impl, rows._replace(u=up), k, b, spec, lse_b, False)
             return _out_grads(h, k, b, dh, dk, db)
 
-        return loss, grad
+        return (loss, lse), grad
 
     if plan is not None:  # sharded over a device mesh: _sharded
+        _sharded_unsupported(spec, return_lse)
         loss = _sharded.per_token(plan, hidden, kernel, bias, safe, spec)
     elif bias is None:
-        loss = impl.custom_gradient(lambda h, k: run(h, k, None))(hidden, kernel)
+        loss, lse = impl.custom_gradient(lambda h, k: run(h, k, None))(hidden, kernel)
     else:
-        loss = impl.custom_gradient(run)(hidden, kernel, bias)
+        loss, lse = impl.custom_gradient(run)(hidden, kernel, bias)
     nan_or_zero = ops.where(in_range, 0.0, float("nan"))
     if keep is not None:
         nan_or_zero = ops.where(keep, nan_or_zero, 0.0)
-    loss = ops.where(active, loss, nan_or_zero)
-    return ops.reshape(loss, lead)
+    loss = ops.reshape(ops.where(active, loss, nan_or_zero), lead)
+    if return_lse:
+        return loss, ops.reshape(ops.stop_gradient(lse), lead)
+    return loss
+
+
+def _sharded_unsupported(spec: Any, return_lse: bool) -> None:
+    """The sharded path computes neither the z-loss nor the log-sum-exp it returns."""
+    if spec.zloss or return_lse:
+        raise ValueError(
+            "`z_loss` and `return_lse` are not available on a sharded vocabulary "
+            "(keras.distribution or a JAX mesh) yet: run without them there. Received: "
+            f"z_loss={spec.zloss}, return_lse={return_lse}"
+        )
 
 
 def fused_linear_ce_sum(
@@ -223,9 +250,15 @@ def fused_linear_ce_parts(
     vocab_chunk_size: int | None = None,
     compute_grads: bool = True,
     strategy: str = "recompute",
+    kernel_grad: bool = True,
+    z_loss: float = 0.0,
 ) -> tuple[Any, Any, Any]:
     """:func:`fused_linear_ce_sum`, plus the ``(N,)`` per-token losses (no gradient;
-    0 on skipped rows), for metrics that reuse the training pass."""
+    0 on skipped rows), for metrics that reuse the training pass.
+
+    ``kernel_grad=False`` (a frozen head: LoRA, a frozen embedding) treats the kernel
+    (and bias) as constants: the ``d x V`` gradient and one matmul per chunk are skipped.
+    """
     if strategy not in ("recompute", "in_forward"):
         raise ValueError(
             f"`strategy` must be 'recompute' or 'in_forward'. Received: strategy={strategy!r}"
@@ -243,6 +276,7 @@ def fused_linear_ce_parts(
         token_chunk_size,
         vocab_chunk_size,
         fused=compute_grads and strategy == "in_forward",
+        z_loss=z_loss,
     )
     plan = _sharded.plan(hidden, given_kernel, spec)
     impl = _backend()
@@ -258,6 +292,7 @@ def fused_linear_ce_parts(
     # A label outside [0, V) on a counted row makes the loss NaN, as in `linear_ce`.
     nan_term = ops.sum(ops.where(nan_rows, float("nan"), 0.0))
     if plan is not None:  # sharded over a device mesh: _sharded
+        _sharded_unsupported(spec, False)
         args = (plan, hidden, kernel, bias, safe, active, u, spec, compute_grads)
         total, correct, per_token = _sharded.fused_sum(*args)
         return total + nan_term, correct, per_token
@@ -285,21 +320,25 @@ def fused_linear_ce_parts(
             def grad(*args, upstream=None):
                 up = ops.cast(_upstream(args, upstream), "float32")
                 scaled = rows._replace(u=rows.u * up)
-                dh, dk, db, _, _ = _grads(impl, scaled, k, b, spec, lse_b, False)
-                return _out_grads(h, k, b, dh, dk, db)
+                dh, dk, db, _, _ = _grads(impl, scaled, k, b, spec, lse_b, False, kernel_grad)
+                return _out_grads(h, k, b if kernel_grad else None, dh, dk, db)
 
             return parts, grad
 
-        dh, dk, db, loss_b, amax_b = _grads(impl, rows, k, b, spec, None, True)
+        dh, dk, db, loss_b, amax_b = _grads(impl, rows, k, b, spec, None, True, kernel_grad)
         parts = correct_of(rows, loss_b, amax_b)
 
         def grad_in_forward(*args, upstream=None):
             up = ops.cast(_upstream(args, upstream), "float32")
-            return tuple(impl.scale(g, up) for g in _out_grads(h, k, b, dh, dk, db))
+            grads = _out_grads(h, k, b if kernel_grad else None, dh, dk, db)
+            return tuple(impl.scale(g, up) for g in grads)
 
         return parts, grad_in_forward
 
-    if bias is None:
+    if not kernel_grad:
+        kernel, bias = ops.stop_gradient(kernel), None if bias is None else ops.stop_gradient(bias)
+        out = impl.custom_gradient(lambda h: run(h, kernel, bias))(hidden)
+    elif bias is None:
         out = impl.custom_gradient(lambda h, k: run(h, k, None))(hidden, kernel)
     else:
         out = impl.custom_gradient(run)(hidden, kernel, bias)
