@@ -555,6 +555,9 @@ def test_other_backend_subprocess(other):
         "not fresh_process and not other_backend and not (options and (recompute or "
         "in_forward)) and not (model_fit and (untied or dense))",
         backend=other,
+        # Measured: 40 passed, 3 skipped (TensorFlow-only tests), 15 deselected, on both.
+        min_passed=40,
+        max_skipped=18,
         timeout=900,
     )
 
