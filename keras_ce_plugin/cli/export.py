@@ -70,7 +70,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "verify",
         help="check every exported artifact against the Keras model",
         description="Load each artifact in its own fresh process and compare its "
-        "predictions with the Keras model on real test images.",
+        "predictions with the Keras model on real test images (an image classifier) or "
+        "on seeded generated inputs of the model's signature (any other model).",
     )
     p.add_argument("export_dir", help="directory written by `keras-ce export`")
     add_data_flags(p, train=False)
@@ -85,7 +86,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "predict",
         help="classify images with a .keras, SavedModel or .onnx artifact",
         description="Classify PNG/JPEG files (resized to 32x32; a smaller image is "
-        "upscaled, with a warning) or .npy batches.",
+        "upscaled, with a warning) or .npy batches with an image classifier (another "
+        "model is refused: serve it with `keras-ce export`, or call model.predict).",
     )
     p.add_argument("artifact", help="a .keras file, a SavedModel directory or an .onnx file")
     p.add_argument("images", nargs="+", help="PNG/JPEG files or .npy batches")
@@ -113,9 +115,12 @@ def export_command(args: argparse.Namespace) -> int:
         data_dir=getattr(args, "data_dir", None),
         log=print,
     )
+    skipped = manifest.get("skipped") or {}
     print(
         f"Wrote {out}/ ({', '.join(manifest['formats'])}; {len(manifest['files'])} files "
-        f"hashed in {export.MANIFEST_FILE}). Check it with: keras-ce verify {out}"
+        f"hashed in {export.MANIFEST_FILE}"
+        + (f"; skipped: {', '.join(skipped)}" if skipped else "")
+        + f"). Check it with: keras-ce verify {out}"
     )
     return 0
 
@@ -133,14 +138,13 @@ def verify_command(args: argparse.Namespace) -> int:
     _import_modules(imports)  # here too: a bad MODULE is named before any work
     manifest, n_files = export.check_export(export_dir)
     print(f"{export_dir}/{export.MANIFEST_FILE}: {n_files} files, sizes and SHA-256 match")
-    images, labels = export.verification_images(args.data_dir, args.limit_test)
+    inputs, labels, what = export.verification_inputs(manifest, args.data_dir, args.limit_test)
     result = export.compare_artifacts(
-        export_dir, manifest, images, labels, atol=args.atol, imports=imports
+        export_dir, manifest, inputs, labels, atol=args.atol, imports=imports
     )
-    print(
-        f"Predictions on {result['images']} CIFAR-10 test images, each artifact in a fresh "
-        f"process (atol {result['atol']:g}):"
-    )
+    print(f"Predictions on {what}, each artifact in a fresh process (atol {result['atol']:g}):")
+    for fmt, why in (manifest.get("skipped") or {}).items():
+        print(f"{fmt:<11} skipped at export: {why}")
     print(
         f"{'format':<11} {'runtime':<20} {'max |Δ| vs Keras':>16} {'top-1 agree':>11} "
         f"{'accuracy':>8} {'load s':>6}  result"

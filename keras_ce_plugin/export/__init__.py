@@ -3,9 +3,10 @@
 One module per concern, after Keras' own ``keras/src/export/``:
 
 * :mod:`~keras_ce_plugin.export.signature` -- the serving signature both formats
-  are traced from: ``images: float32[batch, 32, 32, 3]`` (RGB pixels / 255, NHWC)
-  -> ``probabilities: float32[batch, classes]``, the model called with
-  ``training=False``.
+  are traced from: for an image classifier ``images: float32[batch, 32, 32, 3]``
+  (RGB pixels / 255, NHWC) -> ``probabilities: float32[batch, classes]``; for any
+  other model its own input and output names, shapes and dtypes; the model called
+  with ``training=False``.
 * :mod:`~keras_ce_plugin.export.savedmodel` -- :func:`export_savedmodel`: a
   SavedModel that loads with ``tf.saved_model.load`` (or TensorFlow Serving)
   where neither Keras nor this package is installed.
@@ -70,12 +71,15 @@ from keras_ce_plugin.export.quantize import (
 )
 from keras_ce_plugin.export.savedmodel import export_savedmodel
 from keras_ce_plugin.export.signature import (
+    GENERIC,
+    IMAGE_CLASSIFIER,
     IMAGE_SIZE,
     INPUT_NAME,
     OUTPUT_NAME,
     PREPROCESSING,
     SIGNATURE_KEY,
     default_class_names,
+    generate_inputs,
     serving_signature,
 )
 from keras_ce_plugin.export.verify import (
@@ -83,12 +87,15 @@ from keras_ce_plugin.export.verify import (
     check_export,
     compare_artifacts,
     verification_images,
+    verification_inputs,
     verify_export,
 )
 
 __all__ = [
     "ARTIFACTS",
     "FORMATS",
+    "GENERIC",
+    "IMAGE_CLASSIFIER",
     "IMAGE_SIZE",
     "INPUT_NAME",
     "INT8_CALIBRATION_IMAGES",
@@ -115,6 +122,7 @@ __all__ = [
     "export_model_dir",
     "export_onnx",
     "export_savedmodel",
+    "generate_inputs",
     "load_images",
     "load_predictor",
     "manifest_class_names",
@@ -125,5 +133,6 @@ __all__ = [
     "serving_signature",
     "top_classes",
     "verification_images",
+    "verification_inputs",
     "verify_export",
 ]

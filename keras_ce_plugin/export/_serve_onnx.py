@@ -7,7 +7,7 @@ blocked: the check is that nothing asked for them).
 
 Worker usage (what ``keras-ce verify`` runs)::
 
-    python _serve_onnx.py MODEL.onnx IMAGES.npy OUT.npy REPORT.json
+    python _serve_onnx.py MODEL.onnx INPUTS.npz OUT.npz REPORT.json
 
 >>> opts = session_options(threads=1)
 >>> opts.intra_op_num_threads, opts.graph_optimization_level.name
@@ -31,7 +31,6 @@ if (
 ):
     del sys.path[0]
 
-INPUT_NAME = "images"
 OUTPUT_NAME = "probabilities"
 FORBIDDEN = ("tensorflow", "keras", "tf_keras", "keras_ce_plugin")
 
@@ -62,7 +61,8 @@ def session_options(threads: int | None = None):
 
 
 class OnnxPredictor:
-    """An ONNX model with one image input as a NumPy function."""
+    """An ONNX model as a NumPy function: ``run(feeds)`` for any inputs, and
+    ``predictor(x)`` for a model with one input (``images``)."""
 
     def __init__(self, path: str, *, threads: int | None = None):
         import onnxruntime as ort
@@ -72,49 +72,59 @@ class OnnxPredictor:
             self.path, session_options(threads), providers=["CPUExecutionProvider"]
         )
         inputs = self.session.get_inputs()
-        if len(inputs) != 1:
-            raise ValueError(
-                f"{self.path} must have exactly one input. Received inputs: "
-                f"{[i.name for i in inputs]}"
-            )
+        self.input_names = [i.name for i in inputs]
         self.input_name = inputs[0].name
         self.input_shape = tuple(d if isinstance(d, int) else None for d in inputs[0].shape)
         self.input_dtype = inputs[0].type  # e.g. "tensor(float)"
         outputs = self.session.get_outputs()
-        names = [o.name for o in outputs]
+        self.output_names = [o.name for o in outputs]
+        names = self.output_names
         self.output_name = OUTPUT_NAME if OUTPUT_NAME in names else names[0]
         out = outputs[names.index(self.output_name)]
         self.output_shape = tuple(d if isinstance(d, int) else None for d in out.shape)
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
 
-    def __call__(self, images, batch_size: int = 256):
+    def run(self, feeds, batch_size: int = 256):
+        """``{output name: array}`` for ``feeds`` (``{input name: array}``), in batches."""
         import numpy as np
 
-        parts = []
-        for start in range(0, len(images), batch_size):
-            feed = {self.input_name: images[start : start + batch_size]}
-            parts.append(self.session.run([self.output_name], feed)[0])
-        return np.concatenate(parts, axis=0)
+        n = len(next(iter(feeds.values())))
+        parts: dict = {name: [] for name in self.output_names}
+        for start in range(0, n, batch_size):
+            batch = {k: v[start : start + batch_size] for k, v in feeds.items()}
+            for name, value in zip(self.output_names, self.session.run(None, batch)):
+                parts[name].append(value)
+        return {name: np.concatenate(values, axis=0) for name, values in parts.items()}
+
+    def __call__(self, images, batch_size: int = 256):
+        if len(self.input_names) != 1:
+            raise ValueError(
+                f"{self.path} must have exactly one input. Received inputs: {self.input_names}"
+            )
+        return self.run({self.input_name: images}, batch_size)[self.output_name]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Worker: predicts ``IMAGES.npy`` with the ONNX model; writes ``OUT.npy`` and a report."""
+    """Worker: predicts ``INPUTS.npz`` (arrays by input name) with the ONNX model; writes
+    ``OUT.npz`` (arrays by output name) and a report."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) != 4:
         print(__doc__, file=sys.stderr)
         return 2
-    artifact, images_path, out_path, report_path = argv
+    artifact, inputs_path, out_path, report_path = argv
     import numpy as np
     import onnxruntime as ort
 
     t0 = time.perf_counter()
     predictor = OnnxPredictor(artifact)
     load_s = time.perf_counter() - t0
-    images = np.load(images_path, allow_pickle=False)
+    with np.load(inputs_path, allow_pickle=False) as data:
+        feeds = {name: data[name] for name in predictor.input_names}
     t0 = time.perf_counter()
-    probabilities = predictor(images)
+    outputs = predictor.run(feeds)
     predict_s = time.perf_counter() - t0
-    np.save(out_path, probabilities)
+    with open(out_path, "wb") as f:
+        np.savez(f, **outputs)
     present = forbidden_modules()
     with open(report_path, "w") as f:
         json.dump(
@@ -122,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "runtime": f"onnxruntime {ort.__version__}",
                 "load_s": load_s,
                 "predict_s": predict_s,
-                "input_name": predictor.input_name,
+                "input_names": predictor.input_names,
                 "forbidden_modules_present": present,
             },
             f,

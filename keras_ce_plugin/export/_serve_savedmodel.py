@@ -11,7 +11,7 @@ at the end that none of them is in ``sys.modules``.
 
 Worker usage (what ``keras-ce verify`` runs)::
 
-    python _serve_savedmodel.py SAVED_MODEL_DIR IMAGES.npy OUT.npy REPORT.json
+    python _serve_savedmodel.py SAVED_MODEL_DIR INPUTS.npz OUT.npz REPORT.json
 
 >>> finder = block_imports(("not_a_real_module_xyz",))
 >>> try:
@@ -44,7 +44,6 @@ if (
     del sys.path[0]
 
 SIGNATURE_KEY = "serving_default"
-INPUT_NAME = "images"
 OUTPUT_NAME = "probabilities"
 FORBIDDEN = ("keras", "tf_keras", "keras_ce_plugin")
 
@@ -92,7 +91,8 @@ def forbidden_modules(roots: Sequence[str] = FORBIDDEN) -> list[str]:
 
 
 class SavedModelPredictor:
-    """The ``serving_default`` signature of a SavedModel as a NumPy function."""
+    """The ``serving_default`` signature of a SavedModel as a NumPy function:
+    ``run(feeds)`` for any inputs, ``predictor(x)`` for one input (``images``)."""
 
     def __init__(self, path: str):
         import tensorflow as tf
@@ -109,39 +109,46 @@ class SavedModelPredictor:
         self._loaded = loaded  # keeps the variables alive
         self.fn = signatures[SIGNATURE_KEY]
         _, kwargs = self.fn.structured_input_signature
-        if list(kwargs) != [INPUT_NAME]:
-            raise ValueError(
-                f"The {SIGNATURE_KEY!r} signature of {self.path} must take one input named "
-                f"{INPUT_NAME!r}. Received inputs: {sorted(kwargs)}"
-            )
-        spec = kwargs[INPUT_NAME]
+        self.input_names = list(kwargs)
+        spec = kwargs[self.input_names[0]]
+        self.input_name = self.input_names[0]
         self.input_shape = tuple(spec.shape.as_list())
         self.input_dtype = spec.dtype.name
         outputs = self.fn.structured_outputs
-        if OUTPUT_NAME not in outputs:
-            raise ValueError(
-                f"The {SIGNATURE_KEY!r} signature of {self.path} must return "
-                f"{OUTPUT_NAME!r}. Received outputs: {sorted(outputs)}"
-            )
-        self.output_shape = tuple(outputs[OUTPUT_NAME].shape.as_list())
+        self.output_names = list(outputs)
+        self.output_name = OUTPUT_NAME if OUTPUT_NAME in outputs else self.output_names[0]
+        self.output_shape = tuple(outputs[self.output_name].shape.as_list())
 
-    def __call__(self, images, batch_size: int = 256):
+    def run(self, feeds, batch_size: int = 256):
+        """``{output name: array}`` for ``feeds`` (``{input name: array}``), in batches."""
         import numpy as np
 
-        parts = []
-        for start in range(0, len(images), batch_size):
-            batch = self._tf.constant(images[start : start + batch_size])
-            parts.append(self.fn(**{INPUT_NAME: batch})[OUTPUT_NAME].numpy())
-        return np.concatenate(parts, axis=0)
+        n = len(next(iter(feeds.values())))
+        parts: dict = {name: [] for name in self.output_names}
+        for start in range(0, n, batch_size):
+            batch = {k: self._tf.constant(v[start : start + batch_size]) for k, v in feeds.items()}
+            result = self.fn(**batch)
+            for name in self.output_names:
+                parts[name].append(result[name].numpy())
+        return {name: np.concatenate(values, axis=0) for name, values in parts.items()}
+
+    def __call__(self, images, batch_size: int = 256):
+        if len(self.input_names) != 1:
+            raise ValueError(
+                f"The {SIGNATURE_KEY!r} signature of {self.path} must take one input. "
+                f"Received inputs: {self.input_names}"
+            )
+        return self.run({self.input_name: images}, batch_size)[self.output_name]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Worker: predicts ``IMAGES.npy`` with the SavedModel; writes ``OUT.npy`` and a report."""
+    """Worker: predicts ``INPUTS.npz`` (arrays by input name) with the SavedModel; writes
+    ``OUT.npz`` (arrays by output name) and a report."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) != 4:
         print(__doc__, file=sys.stderr)
         return 2
-    artifact, images_path, out_path, report_path = argv
+    artifact, inputs_path, out_path, report_path = argv
     finder = block_imports()
     import numpy as np
     import tensorflow  # noqa: F401  (imported before the clock starts, as in the others)
@@ -149,11 +156,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     predictor = SavedModelPredictor(artifact)
     load_s = time.perf_counter() - t0
-    images = np.load(images_path, allow_pickle=False)
+    with np.load(inputs_path, allow_pickle=False) as data:
+        feeds = {name: data[name] for name in predictor.input_names}
     t0 = time.perf_counter()
-    probabilities = predictor(images)
+    outputs = predictor.run(feeds)
     predict_s = time.perf_counter() - t0
-    np.save(out_path, probabilities)
+    with open(out_path, "wb") as f:
+        np.savez(f, **outputs)
     present = forbidden_modules()
     with open(report_path, "w") as f:
         json.dump(

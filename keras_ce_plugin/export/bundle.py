@@ -6,7 +6,15 @@ An export directory holds::
     DIR/saved_model/       SavedModel, signature serving_default
     DIR/model.onnx         ONNX, input "images", output "probabilities"
     DIR/model.int8.onnx    only with quantize="int8", and only if it pays off
-    DIR/manifest.json      formats, SHA-256 of every file, input/output, versions
+    DIR/manifest.json      formats, SHA-256 of every file, signature, versions, and
+                           each format skipped (with why) under "skipped"
+
+An image classifier is served as ``images`` -> ``probabilities``; any other model
+with its own input and output names
+(:func:`~keras_ce_plugin.export.signature.serving_signature`). A format that
+cannot express the model (the converter fails) is skipped with one line saying
+why, and the others are still written; if every requested format fails, nothing
+is written and the error names each reason.
 
 The whole directory is assembled in a temporary sibling and swapped into place
 (:func:`keras_ce_plugin.files.atomic_dir`), so an interrupted export never leaves
@@ -36,7 +44,7 @@ from keras_ce_plugin._version import __version__
 from keras_ce_plugin._versions import versions as _versions
 from keras_ce_plugin._writable import check_writable_dir
 from keras_ce_plugin.errors import KerasCEError
-from keras_ce_plugin.export._common import ArtifactExistsError, make_readable
+from keras_ce_plugin.export._common import ArtifactExistsError, describe, make_readable
 from keras_ce_plugin.export.onnx import check_opset, export_onnx, opset_of
 from keras_ce_plugin.export.quantize import (
     INT8_CALIBRATION_IMAGES,
@@ -46,9 +54,12 @@ from keras_ce_plugin.export.quantize import (
 )
 from keras_ce_plugin.export.savedmodel import export_savedmodel
 from keras_ce_plugin.export.signature import (
+    IMAGE_CLASSIFIER,
+    IMAGE_SIZE,
     PREPROCESSING,
     SIGNATURE_KEY,
     default_class_names,
+    describe_signature,
     serving_signature,
 )
 from keras_ce_plugin.files import atomic_dir, atomic_path, load_keras_model, sha256_file, write_json
@@ -110,8 +121,30 @@ def check_out_dir(out: str | os.PathLike, overwrite: bool = False) -> None:
         )
 
 
+def _quantize_guard(manifest: dict) -> str | None:
+    """Why ``--quantize int8`` cannot run on this export (None: it can)."""
+    if "onnx" not in manifest["formats"]:
+        return "no ONNX model to quantize (onnx was skipped)"
+    if manifest["kind"] != IMAGE_CLASSIFIER or manifest["input"]["shape"][1:] != [
+        *IMAGE_SIZE,
+        3,
+    ]:
+        return (
+            f"int8 calibration feeds {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} CIFAR-10 images; the "
+            f"model takes {describe_signature(manifest).split(' -> ')[0]}"
+        )
+    return None
+
+
 def _quantize_into(tmp: Path, manifest: dict, data_dir, log: Callable[[str], Any]) -> None:
     from keras_ce_plugin.data import load_cifar10
+
+    why = _quantize_guard(manifest)
+    if why is not None:
+        manifest["quantization"] = {"kept": False, "skipped": True, "reason": why}
+        manifest["skipped"]["onnx_int8"] = why
+        log(f"  int8        skipped: {why}")
+        return
 
     (x_train, _), (x_test, _) = load_cifar10(data_dir, limit_train=INT8_CALIBRATION_IMAGES)
     record = quantize_int8(tmp / ONNX_FILE, tmp / INT8_FILE, x_train, x_test[:INT8_EVAL_IMAGES])
@@ -165,7 +198,8 @@ def export_model_dir(
         signature = serving_signature(model)
     except (TypeError, ValueError) as exc:
         raise KerasCEError(f"Cannot export {model_path}: {exc}") from None
-    class_names = default_class_names(signature["output"]["shape"][-1] or 0)
+    image = signature["kind"] == IMAGE_CLASSIFIER
+    class_names = default_class_names(signature["output"]["shape"][-1] or 0) if image else None
     manifest: dict[str, Any] = {
         "manifest_version": MANIFEST_VERSION,
         "created_by": f"keras_ce_plugin {__version__}",
@@ -175,34 +209,61 @@ def export_model_dir(
         "artifacts": {"keras": KERAS_FILE},
         "signature": SIGNATURE_KEY,
         **signature,
-        "class_names": list(class_names),
-        "preprocessing": PREPROCESSING,
+        "class_names": list(class_names) if class_names else None,
+        "preprocessing": PREPROCESSING if image else None,
         "onnx": None,
         "quantization": None,
+        "skipped": {},
         "versions": _versions(),
+    }
+    if not image:
+        log(f"  signature   {describe_signature(signature)} (not an image classifier)")
+    writers: dict[str, Callable[[Path], Any]] = {
+        "savedmodel": lambda tmp: export_savedmodel(model, tmp / SAVEDMODEL_DIR),
+        "onnx": lambda tmp: export_onnx(
+            model, tmp / ONNX_FILE, opset=opset, class_names=class_names
+        ),
     }
     with atomic_dir(out, overwrite=out.exists()) as tmp:
         with atomic_path(tmp / KERAS_FILE, suffix=".keras") as dst:
             shutil.copyfile(model_path, dst)
-        if "savedmodel" in formats:
+        for fmt in formats:
             t0 = time.perf_counter()
-            export_savedmodel(model, tmp / SAVEDMODEL_DIR)
-            manifest["formats"].append("savedmodel")
-            manifest["artifacts"]["savedmodel"] = SAVEDMODEL_DIR
-            log(f"  savedmodel  {out / SAVEDMODEL_DIR}  ({time.perf_counter() - t0:.1f} s)")
-        if "onnx" in formats:
-            t0 = time.perf_counter()
-            export_onnx(model, tmp / ONNX_FILE, opset=opset, class_names=class_names)
-            manifest["formats"].append("onnx")
-            manifest["artifacts"]["onnx"] = ONNX_FILE
-            manifest["onnx"] = opset_of(tmp / ONNX_FILE)
-            log(f"  onnx        {out / ONNX_FILE}  ({time.perf_counter() - t0:.1f} s)")
+            try:
+                writers[fmt](tmp)
+            except ArtifactExistsError:  # pragma: no cover - tmp is a fresh directory
+                raise
+            except Exception as exc:  # a format that cannot express this model
+                why = describe(exc, limit=300)
+                manifest["skipped"][fmt] = why
+                log(f"  {fmt:<11} skipped: {why}")
+                _remove(tmp / ARTIFACTS[fmt])
+                continue
+            manifest["formats"].append(fmt)
+            manifest["artifacts"][fmt] = ARTIFACTS[fmt]
+            if fmt == "onnx":
+                manifest["onnx"] = opset_of(tmp / ONNX_FILE)
+            log(f"  {fmt:<11} {out / ARTIFACTS[fmt]}  ({time.perf_counter() - t0:.1f} s)")
+        if len(manifest["formats"]) == 1:
+            raise KerasCEError(
+                f"Cannot export {model_path} to "
+                + "; ".join(f"{fmt} ({why})" for fmt, why in manifest["skipped"].items())
+            )
         if quantize == "int8":
             _quantize_into(tmp, manifest, data_dir, log)
         manifest["files"] = _file_entries(tmp)
         write_json(tmp / MANIFEST_FILE, manifest)
         make_readable(tmp)
     return manifest
+
+
+def _remove(path: Path) -> None:
+    """Removes what a failed writer left at ``path`` (a file or a directory)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def read_manifest(export_dir: str | os.PathLike) -> dict[str, Any]:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +24,12 @@ from keras_ce_plugin.export._common import (
     require_tensorflow_backend,
 )
 from keras_ce_plugin.export.signature import (
+    IMAGE_CLASSIFIER,
     INPUT_NAME,
     OUTPUT_NAME,
     PREPROCESSING,
     check_class_names,
+    describe_signature,
     serving_function,
     serving_signature,
 )
@@ -56,22 +60,30 @@ def check_opset(opset: Any) -> int | None:
     return int(opset)
 
 
-def onnx_metadata(signature: dict, class_names: Sequence[str]) -> dict[str, str]:
+def onnx_metadata(signature: dict, class_names: Sequence[str] | None) -> dict[str, str]:
     """The ``metadata_props`` of an exported ONNX model."""
     versions = _versions()
-    return {
-        "keras_ce_plugin_version": __version__,
-        "class_names": json.dumps(list(class_names)),
-        "preprocessing": PREPROCESSING,
-        "input_name": INPUT_NAME,
-        "input_shape": json.dumps(signature["input"]["shape"]),
-        "output_name": OUTPUT_NAME,
-        "output_shape": json.dumps(signature["output"]["shape"]),
-        "layout": "NHWC",
-        "keras_version": versions.get("keras", ""),
-        "tensorflow_version": versions.get("tensorflow", ""),
-        "tf2onnx_version": versions.get("tf2onnx", ""),
-    }
+    meta = {"keras_ce_plugin_version": __version__, "kind": signature.get("kind", IMAGE_CLASSIFIER)}
+    if "input" in signature:  # an image classifier
+        meta.update(
+            class_names=json.dumps(list(class_names or ())),
+            preprocessing=PREPROCESSING,
+            input_name=INPUT_NAME,
+            input_shape=json.dumps(signature["input"]["shape"]),
+            output_name=OUTPUT_NAME,
+            output_shape=json.dumps(signature["output"]["shape"]),
+            layout="NHWC",
+        )
+    else:
+        meta.update(
+            inputs=json.dumps(signature["inputs"]), outputs=json.dumps(signature["outputs"])
+        )
+    meta.update(
+        keras_version=versions.get("keras", ""),
+        tensorflow_version=versions.get("tensorflow", ""),
+        tf2onnx_version=versions.get("tf2onnx", ""),
+    )
+    return meta
 
 
 def set_metadata(proto: Any, metadata: dict[str, str]) -> None:
@@ -94,20 +106,25 @@ def export_onnx(
 ) -> Path:
     """Writes ``model`` as an ONNX model with the serving signature.
 
-    Converted with ``tf2onnx.convert.from_function`` from the same ``tf.function`` as
-    the SavedModel (``tf2onnx.convert.from_keras`` does not take Keras 3 models):
-    input ``images`` (float32, dynamic batch axis ``batch``), output
-    ``probabilities``. The model passes ``onnx.checker.check_model(full_check=True)``
-    and its ``metadata_props`` record ``keras_ce_plugin_version``, ``class_names``
-    (JSON), ``preprocessing`` (pixels / 255), input/output names and shapes and the
-    Keras/TensorFlow/tf2onnx versions.
+    Converted with tf2onnx from the same ``tf.function`` as the SavedModel
+    (``tf2onnx.convert.from_keras`` does not take Keras 3 models), frozen first so
+    that model state (variables and the tensors a layer such as ``Normalization``
+    holds) are constants of the graph, never inputs. An image classifier has input
+    ``images`` (float32, dynamic batch axis ``batch``) and output ``probabilities``;
+    another model keeps its own input and output names (see
+    :func:`~keras_ce_plugin.export.signature.serving_signature`). The model passes
+    ``onnx.checker.check_model(full_check=True)`` and its ``metadata_props`` record
+    ``keras_ce_plugin_version``, the ``kind``, ``class_names`` (JSON) and
+    ``preprocessing`` (pixels / 255) of an image classifier, input/output names and
+    shapes and the Keras/TensorFlow/tf2onnx versions.
 
     Args:
-        model: A built single-input, single-output ``keras.Model`` (float32).
+        model: A built float32 ``keras.Model``.
         path: The ``.onnx`` file to create.
         opset: ONNX opset (default: tf2onnx's default).
         overwrite: Replace an existing file.
-        class_names: One name per output (default: CIFAR-10's for 10 outputs).
+        class_names: An image classifier's name per output (default: CIFAR-10's for
+            10 outputs).
 
     Returns:
         ``path`` as a ``Path``.
@@ -120,10 +137,11 @@ def export_onnx(
     opset = check_opset(opset)
     require_tensorflow_backend("ONNX export")
     signature = serving_signature(model)
-    names = check_class_names(class_names, signature["output"]["shape"][-1])
+    names = None
+    if signature["kind"] == IMAGE_CLASSIFIER:
+        names = check_class_names(class_names, signature["output"]["shape"][-1])
     try:
         import onnx
-        import tf2onnx
     except ImportError as exc:
         raise missing_export_extra(exc) from None
     compute_dtype = getattr(getattr(model, "dtype_policy", None), "compute_dtype", "float32")
@@ -133,29 +151,81 @@ def export_onnx(
             "rebuilding it under the float32 policy and copying the weights). Received: "
             f"compute dtype {compute_dtype!r}"
         )
-    serve, _, spec = serving_function(model, signature)
-    try:
-        proto, _ = tf2onnx.convert.from_function(serve, input_signature=[spec], opset=opset)
-    except Exception as exc:
-        raise KerasCEError(
-            f"tf2onnx could not convert the model to ONNX (opset={opset}): {describe(exc)}"
-        ) from exc
+    proto = _convert(model, signature, opset)
     graph = proto.graph
     inputs, outputs = [i.name for i in graph.input], [o.name for o in graph.output]
-    if inputs != [INPUT_NAME] or outputs != [OUTPUT_NAME]:  # pragma: no cover
-        raise KerasCEError(f"Unexpected ONNX graph: inputs {inputs}, outputs {outputs}")
-    for value in (graph.input[0], graph.output[0]):
-        value.type.tensor_type.shape.dim[0].dim_param = "batch"
+    want_in = [spec["name"] for spec in signature["inputs"]]
+    want_out = [spec["name"] for spec in signature["outputs"]]
+    if inputs != want_in or outputs != want_out:  # never a graph input for model state
+        raise KerasCEError(
+            f"Unexpected ONNX graph: inputs {inputs}, outputs {outputs}; expected inputs "
+            f"{want_in}, outputs {want_out}"
+        )
+    for value in [*graph.input, *graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if len(dims):
+            dims[0].dim_param = "batch"
     set_metadata(proto, onnx_metadata(signature, names))
-    proto.doc_string = (
-        f"Exported by keras_ce_plugin {__version__}: {INPUT_NAME} (pixels / 255, NHWC) -> "
-        f"{OUTPUT_NAME}"
+    proto.doc_string = f"Exported by keras_ce_plugin {__version__}: " + (
+        f"{INPUT_NAME} (pixels / 255, NHWC) -> {OUTPUT_NAME}"
+        if signature.get("kind") == IMAGE_CLASSIFIER
+        else describe_signature(signature)
     )
     onnx.checker.check_model(proto, full_check=True)
     with atomic_path(path, suffix=".onnx") as tmp:
         onnx.save(proto, str(tmp))
         make_readable(tmp)
     return path
+
+
+@contextlib.contextmanager
+def _quiet_tensorflow_log() -> Iterator[None]:
+    """Hides TensorFlow's Python-logger deprecation notes that freezing prints."""
+    logger = logging.getLogger("tensorflow")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _convert(model: Any, signature: dict, opset: int | None) -> Any:
+    """The ONNX proto of the serving function, its model state frozen into constants.
+
+    ``tf2onnx.convert.from_function`` makes every non-variable tensor the traced
+    function captures (e.g. a ``Normalization`` layer's mean and variance) a graph
+    *input*; here the concrete function is frozen first (variables and captured
+    tensors become constants) and converted with only the signature's inputs.
+    """
+    try:
+        import tensorflow as tf
+        import tf2onnx
+        from tf2onnx import tf_loader
+        from tf2onnx.convert import tensor_names_from_structed
+    except ImportError as exc:
+        raise missing_export_extra(exc) from None
+    _, concrete, specs = serving_function(model, signature)
+    n_args = len(tf.nest.flatten(concrete.structured_input_signature))
+    input_names = [t.name for t in concrete.inputs[:n_args]]
+    output_names = [t.name for t in concrete.outputs]
+    rename = tensor_names_from_structed(concrete, input_names, output_names)
+    try:
+        with _quiet_tensorflow_log(), tf.device("/cpu:0"):
+            graph_def = tf_loader.from_function(concrete, input_names, output_names)
+            proto, _ = tf2onnx.convert.from_graph_def(
+                graph_def,
+                name=model.name,
+                input_names=input_names,
+                output_names=output_names,
+                opset=opset,
+                tensors_to_rename=rename,
+            )
+    except Exception as exc:
+        raise KerasCEError(
+            f"tf2onnx could not convert the model to ONNX (opset={opset}): {describe(exc)}"
+        ) from exc
+    return proto
 
 
 def opset_of(path: str | os.PathLike) -> dict[str, int]:

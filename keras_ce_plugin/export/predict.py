@@ -46,9 +46,12 @@ class KerasPredictor:
             signature = serving_signature(self.model)
         except (TypeError, ValueError) as exc:
             raise KerasCEError(f"Cannot serve {path}: {exc}") from None
-        self.input_shape = tuple(signature["input"]["shape"])
-        self.output_shape = tuple(signature["output"]["shape"])
-        self.input_dtype = "float32"
+        self.signature = signature
+        self.input_names = [spec["name"] for spec in signature["inputs"]]
+        self.output_names = [spec["name"] for spec in signature["outputs"]]
+        self.input_shape = tuple(signature["inputs"][0]["shape"])
+        self.output_shape = tuple(signature["outputs"][0]["shape"])
+        self.input_dtype = signature["inputs"][0]["dtype"]
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         return np.asarray(self.model.predict(images, batch_size=256, verbose=0))
@@ -112,7 +115,28 @@ def load_predictor(artifact: str | os.PathLike) -> tuple[Any, str, list[str] | N
 
 
 def _shape_text(shape: Sequence[Any]) -> str:
-    return "(" + ", ".join("batch" if d is None else str(d) for d in shape) + ")"
+    dims = ["?" if d is None else str(d) for d in shape]
+    return "(" + ", ".join(["batch", *dims[1:]] if dims else dims) + ")"
+
+
+def _refuse_non_classifier(artifact: Any, predictor: Any) -> None:
+    """Raises KerasCEError unless ``predictor`` is an image classifier (one float
+    input ``(batch, H, W, 3)``, one output ``(batch, classes)``)."""
+    shape, out = tuple(predictor.input_shape), tuple(predictor.output_shape)
+    ins, outs = list(predictor.input_names), list(predictor.output_names)
+    if len(ins) == 1 and len(outs) == 1 and len(shape) == 4 and shape[3] == 3 and len(out) == 2:
+        if predictor.input_dtype in ("float32", "float16", "bfloat16", "tensor(float)"):
+            return
+    takes = f"{', '.join(ins)} {_shape_text(shape)}" + (
+        f" ({len(ins)} inputs)" if len(ins) > 1 else ""
+    )
+    raise KerasCEError(
+        f"{artifact} is not an image classifier (it takes {takes} {predictor.input_dtype} "
+        f"and returns {len(outs)} output(s), the first {_shape_text(out)}); `keras-ce "
+        f"predict` classifies {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} RGB images. Serve it with "
+        "`keras-ce export MODEL --out DIR` (SavedModel/ONNX with its own signature) or "
+        "call `model.predict` in Python."
+    )
 
 
 def predict_images(
@@ -122,9 +146,11 @@ def predict_images(
 
     Returns ``(probabilities, class_names)``: float64 ``(N, classes)`` and one name
     per class (the artifact's, else :func:`default_class_names`). Every problem is a
-    KerasCEError naming ``artifact``.
+    KerasCEError naming ``artifact``; a model that is not an image classifier is
+    refused in one line naming ``keras-ce export`` and ``model.predict``.
     """
     predictor, _, class_names = load_predictor(artifact)
+    _refuse_non_classifier(artifact, predictor)
     expected = (None, *IMAGE_SIZE, 3)
     shape = tuple(predictor.input_shape)
     if len(shape) != 4 or any(d is not None and d != e for d, e in zip(shape[1:], expected[1:])):

@@ -27,10 +27,20 @@ import numpy as np
 from keras_ce_plugin.errors import KerasCEError
 from keras_ce_plugin.export.bundle import ARTIFACTS, check_files, read_manifest
 from keras_ce_plugin.export.quantize import INT8_MIN_AGREEMENT
+from keras_ce_plugin.export.signature import (
+    IMAGE_CLASSIFIER,
+    INPUT_NAME,
+    describe_signature,
+    generate_inputs,
+)
 
 _HERE = Path(__file__).resolve().parent
 _PACKAGE_ROOT = _HERE.parent.parent  # the directory that holds keras_ce_plugin/
 _WORKER_TIMEOUT_S = 1800
+#: How many inputs ``verify`` generates for a model that is not an image classifier
+#: (``--limit-test`` overrides), and their seed.
+GENERATED_INPUTS = 64
+VERIFY_SEED = 0
 # Runs a worker script by path without adding the working directory to sys.path.
 _RUN_SCRIPT = (
     "import runpy, sys; del sys.path[0]; sys.argv = sys.argv[1:]; "
@@ -55,9 +65,10 @@ _SCRIPTS = {
 
 
 def keras_worker(argv: Sequence[str]) -> int:
-    """Worker: predicts IMAGES.npy with the .keras model; writes OUT.npy and a report.
+    """Worker: predicts INPUTS.npz with the .keras model; writes OUT.npz and a report.
 
-    ``argv`` is ``ARTIFACT IMAGES OUT REPORT [MODULE...]``: each MODULE (a dotted
+    ``argv`` is ``ARTIFACT INPUTS OUT REPORT [MODULE...]`` (arrays by input name in,
+    by output name out, as in the serving signature): each MODULE (a dotted
     name or an absolute ``.py`` path, see :func:`keras_ce_plugin.targets.import_modules`)
     is imported first, so that a loss it registers is known. The model is loaded
     with :func:`keras_ce_plugin.files.load_keras_model` (``compile=False``); its
@@ -66,9 +77,10 @@ def keras_worker(argv: Sequence[str]) -> int:
     """
     import keras
 
+    from keras_ce_plugin.export.signature import model_feed, serving_signature
     from keras_ce_plugin.files import load_keras_model
 
-    artifact, images_path, out_path, report_path, *imports = argv
+    artifact, inputs_path, out_path, report_path, *imports = argv
     t0 = time.perf_counter()
     try:
         if imports:
@@ -82,11 +94,18 @@ def keras_worker(argv: Sequence[str]) -> int:
         print(" ".join(str(exc).split()), file=sys.stderr)
         return 2
     load_s = time.perf_counter() - t0
-    images = np.load(images_path, allow_pickle=False)
+    signature = serving_signature(model)
+    with np.load(inputs_path, allow_pickle=False) as data:
+        feeds = {spec["name"]: data[spec["name"]] for spec in signature["inputs"]}
     t0 = time.perf_counter()
-    probabilities = model.predict(images, batch_size=256, verbose=0)
+    predicted = model.predict(model_feed(model, feeds, signature), batch_size=256, verbose=0)
     predict_s = time.perf_counter() - t0
-    np.save(out_path, np.asarray(probabilities, dtype=np.float32))
+    outputs: dict[str, Any] = {}
+    for spec, value in zip(signature["outputs"], keras.tree.flatten(predicted)):
+        value = np.asarray(value)
+        outputs[spec["name"]] = value.astype(np.float32) if value.dtype.kind == "f" else value
+    with open(out_path, "wb") as f:
+        np.savez(f, **outputs)
     with open(report_path, "w") as f:
         json.dump(
             {
@@ -139,10 +158,10 @@ def _worker_command(
 
 
 def _run_worker(
-    fmt: str, artifact: Path, images_path: Path, work: Path, imports: Sequence[str] = ()
+    fmt: str, artifact: Path, inputs_path: Path, work: Path, imports: Sequence[str] = ()
 ):
     what, runtime = WORKERS[fmt]
-    out_path, report_path = work / f"{fmt}.npy", work / f"{fmt}.json"
+    out_path, report_path = work / f"{fmt}.npz", work / f"{fmt}.json"
     env = {**os.environ}
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     specs: list[str] = []
@@ -151,7 +170,7 @@ def _run_worker(
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(_PACKAGE_ROOT), *folders, env.get("PYTHONPATH", "")) if p
         )
-    io_paths = [str(images_path), str(out_path), str(report_path)]
+    io_paths = [str(inputs_path), str(out_path), str(report_path)]
     cmd = _worker_command(fmt, artifact, io_paths, specs)
     try:
         proc = subprocess.run(
@@ -177,7 +196,8 @@ def _run_worker(
         )
     for message in report.get("warnings", ()):
         warnings.warn(message, UserWarning, stacklevel=3)
-    return np.load(out_path, allow_pickle=False), report
+    with np.load(out_path, allow_pickle=False) as data:
+        return {name: data[name] for name in data.files}, report
 
 
 def verification_images(
@@ -191,6 +211,27 @@ def verification_images(
     return x_test, y_test
 
 
+def verification_inputs(
+    manifest: dict[str, Any],
+    data_dir: str | os.PathLike | None,
+    limit_test: int | None,
+    *,
+    seed: int = VERIFY_SEED,
+) -> tuple[Any, np.ndarray | None, str]:
+    """What ``verify`` predicts: ``(inputs, labels_or_None, description)``.
+
+    An image classifier (or an export from before the ``kind`` field) gets CIFAR-10
+    test images; any other model :data:`GENERATED_INPUTS` (or ``limit_test``) seeded
+    inputs of its signature (:func:`~keras_ce_plugin.export.signature.generate_inputs`).
+    """
+    if manifest.get("kind", IMAGE_CLASSIFIER) == IMAGE_CLASSIFIER:
+        images, labels = verification_images(data_dir, limit_test)
+        return images, labels, f"{len(images)} CIFAR-10 test images"
+    n = GENERATED_INPUTS if limit_test is None else int(limit_test)
+    feeds = generate_inputs(manifest, n, seed)
+    return feeds, None, f"{n} generated inputs (seed {seed}) of {describe_signature(manifest)}"
+
+
 def check_export(export_dir: str | os.PathLike) -> tuple[dict[str, Any], int]:
     """Reads the manifest and checks every file's size and SHA-256.
 
@@ -200,7 +241,9 @@ def check_export(export_dir: str | os.PathLike) -> tuple[dict[str, Any], int]:
     return manifest, check_files(export_dir, manifest)
 
 
-def _row(fmt: str, probs, report, reference, truth, atol: float) -> dict[str, Any]:
+def _row(
+    fmt: str, outputs, report, reference, truth, atol: float, classifier: bool
+) -> dict[str, Any]:
     row = {
         "format": fmt,
         "runtime": report.get("runtime", ""),
@@ -211,29 +254,42 @@ def _row(fmt: str, probs, report, reference, truth, atol: float) -> dict[str, An
         "ok": True,
         "problem": "",
     }
-    if probs.shape != reference.shape or not np.all(np.isfinite(probs)):
-        row.update(ok=False, problem=f"output shape {probs.shape} or non-finite values")
+    reference = outputs if reference is None else reference
+    if sorted(outputs) != sorted(reference):
+        row.update(ok=False, problem=f"outputs {sorted(outputs)}, expected {sorted(reference)}")
         return row
-    top1 = probs.argmax(-1)
-    if truth is not None:
+    diffs = []
+    for name, ref in reference.items():
+        out = outputs[name]
+        if out.shape != ref.shape or not np.array_equal(np.isfinite(out), np.isfinite(ref)):
+            row.update(ok=False, problem=f"{name}: output shape {out.shape} or non-finite values")
+            return row
+        finite = np.isfinite(ref)
+        diff = np.abs(out.astype(np.float64) - ref.astype(np.float64))[finite]
+        diffs.append(float(diff.max()) if diff.size else 0.0)
+    first, ref = next(iter(outputs.values())), next(iter(reference.values()))
+    top1 = first.argmax(-1) if first.ndim >= 2 and first.shape[-1] > 1 else None
+    if truth is not None and top1 is not None:
         row["accuracy"] = float(np.mean(top1 == truth))
-    if fmt != "keras":
-        row["max_abs_diff"] = float(np.max(np.abs(probs - reference)))
-        row["agreement"] = float(np.mean(top1 == reference.argmax(-1)))
-        if fmt == "onnx_int8":  # lossy by design: judged by top-1 agreement only
-            if row["agreement"] < INT8_MIN_AGREEMENT:
-                row.update(ok=False, problem=f"top-1 agreement < {INT8_MIN_AGREEMENT:.0%}")
-        elif row["max_abs_diff"] > atol:
-            row.update(ok=False, problem=f"max |diff| > atol {atol:g}")
-        elif row["agreement"] < 1.0:
-            row.update(ok=False, problem="top-1 differs")
+    if fmt == "keras":
+        return row
+    row["max_abs_diff"] = max(diffs)
+    if top1 is not None:
+        row["agreement"] = float(np.mean(top1 == ref.argmax(-1)))
+    if fmt == "onnx_int8":  # lossy by design: judged by top-1 agreement only
+        if (row["agreement"] or 0.0) < INT8_MIN_AGREEMENT:
+            row.update(ok=False, problem=f"top-1 agreement < {INT8_MIN_AGREEMENT:.0%}")
+    elif row["max_abs_diff"] > atol:
+        row.update(ok=False, problem=f"max |diff| > atol {atol:g}")
+    elif classifier and row["agreement"] is not None and row["agreement"] < 1.0:
+        row.update(ok=False, problem="top-1 differs")
     return row
 
 
 def compare_artifacts(
     export_dir: str | os.PathLike,
     manifest: dict[str, Any],
-    images: np.ndarray,
+    images: Any,
     labels: np.ndarray | None = None,
     *,
     atol: float = 1e-5,
@@ -241,7 +297,9 @@ def compare_artifacts(
 ) -> dict[str, Any]:
     """Predicts ``images`` with every artifact in ``manifest``, each in a fresh process.
 
-    The manifest must have passed :func:`check_export`. Returns ``{"ok", "images",
+    ``images`` is an array of images for an image classifier, else a mapping of
+    input name to array (see :func:`verification_inputs`). The manifest must have
+    passed :func:`check_export`. Returns ``{"ok", "images",
     "atol", "rows"}`` as :func:`verify_export` does (without ``files``). ``imports``
     (``--import MODULE``: dotted names or ``.py`` paths) are imported by the Keras
     worker before it loads the model; its load warnings are re-issued here.
@@ -249,32 +307,39 @@ def compare_artifacts(
     if isinstance(atol, bool) or not isinstance(atol, (int, float)) or not atol >= 0:
         raise KerasCEError(f"`--atol` must be a number >= 0. Received: atol={atol!r}")
     export_dir = Path(export_dir)
-    images = np.ascontiguousarray(images, dtype=np.float32)
-    expected = tuple(manifest["input"]["shape"][1:])
-    if images.shape[1:] != expected:
-        raise KerasCEError(
-            f"The export takes images of shape (batch, {', '.join(map(str, expected))}). "
-            f"Received: {images.shape}"
-        )
-    truth = None if labels is None else np.asarray(labels).reshape(len(images), -1).argmax(-1)
+    classifier = manifest.get("kind", IMAGE_CLASSIFIER) == IMAGE_CLASSIFIER
+    if classifier:
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        expected = tuple(manifest["input"]["shape"][1:])
+        if images.shape[1:] != expected:
+            raise KerasCEError(
+                f"The export takes images of shape (batch, {', '.join(map(str, expected))}). "
+                f"Received: {images.shape}"
+            )
+        feeds: dict[str, Any] = {INPUT_NAME: images}
+    else:
+        feeds = {k: np.ascontiguousarray(v) for k, v in dict(images).items()}
+    n = len(next(iter(feeds.values())))
+    truth = None if labels is None else np.asarray(labels).reshape(n, -1).argmax(-1)
     rows = []
     with tempfile.TemporaryDirectory(prefix="keras-ce-verify-") as tmp:
         work = Path(tmp)
-        images_path = work / "images.npy"
-        np.save(images_path, images)
+        inputs_path = work / "inputs.npz"
+        with open(inputs_path, "wb") as f:
+            np.savez(f, **feeds)
         reference = None
         for fmt in manifest["formats"]:
             artifact = (export_dir / ARTIFACTS[fmt]).resolve()
-            probs, report = _run_worker(fmt, artifact, images_path, work, imports)
+            outputs, report = _run_worker(fmt, artifact, inputs_path, work, imports)
             if fmt == "keras":
-                reference = probs
-            rows.append(_row(fmt, probs, report, reference, truth, atol))
-    return {"ok": all(r["ok"] for r in rows), "images": len(images), "atol": atol, "rows": rows}
+                reference = outputs
+            rows.append(_row(fmt, outputs, report, reference, truth, atol, classifier))
+    return {"ok": all(r["ok"] for r in rows), "images": n, "atol": atol, "rows": rows}
 
 
 def verify_export(
     export_dir: str | os.PathLike,
-    images: np.ndarray,
+    images: Any,
     labels: np.ndarray | None = None,
     *,
     atol: float = 1e-5,
@@ -284,7 +349,8 @@ def verify_export(
 
     Each artifact is loaded in its own fresh process (see :data:`WORKERS`). A float
     format passes if its largest absolute difference from the Keras model is at
-    most ``atol`` and it agrees on the top-1 class of every image; the int8 model,
+    most ``atol`` (and, for an image classifier, it agrees on the top-1 class of
+    every image); the int8 model,
     lossy by design, passes if it agrees on the top-1 class of at least
     :data:`~keras_ce_plugin.export.quantize.INT8_MIN_AGREEMENT` of the images (its
     max |diff| is reported, not judged). ``imports`` are passed to the Keras worker
