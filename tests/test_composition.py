@@ -273,7 +273,9 @@ class Workshop:
         if consumer == "predict":
             return _keras_ce("predict", model, str(self.root / "test_image.png"), *imports)
         if consumer == "check_loss":
-            return _keras_ce("check-loss", self.loss(producer), *imports)
+            # The language models are trained on integer labels: sparse targets.
+            targets = ["--targets", "sparse"] if producer.startswith("lm_") else []
+            return _keras_ce("check-loss", self.loss(producer), *targets, *imports)
         if consumer == "resume":
             return _keras_ce("train", "--resume", str(self.root / producer))
         raise AssertionError(consumer)
