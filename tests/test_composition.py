@@ -271,6 +271,7 @@ class Workshop:
             data = ["--data-dir", str(self.cifar), "--limit-test", "8"]
             return _keras_ce("verify", export_dir, *data, *imports)
         if consumer == "predict":
+            self.model("builtin")  # the user script writes the test image too
             return _keras_ce("predict", model, str(self.root / "test_image.png"), *imports)
         if consumer == "check_loss":
             # The language models are trained on integer labels: sparse targets.
