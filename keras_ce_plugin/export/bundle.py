@@ -234,7 +234,11 @@ def export_model_dir(
             except ArtifactExistsError:  # pragma: no cover - tmp is a fresh directory
                 raise
             except Exception as exc:  # a format that cannot express this model
-                why = describe(exc, limit=300)
+                why = (
+                    " ".join(str(exc).split())
+                    if isinstance(exc, KerasCEError)
+                    else describe(exc, limit=300)
+                )
                 manifest["skipped"][fmt] = why
                 log(f"  {fmt:<11} skipped: {why}")
                 _remove(tmp / ARTIFACTS[fmt])

@@ -171,7 +171,13 @@ def export_onnx(
         if signature.get("kind") == IMAGE_CLASSIFIER
         else describe_signature(signature)
     )
-    onnx.checker.check_model(proto, full_check=True)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as exc:  # e.g. a TensorFlow op tf2onnx cannot convert
+        raise KerasCEError(
+            f"ONNX cannot express the model as converted by tf2onnx (opset={opset}): "
+            f"{describe(exc, limit=200)}"
+        ) from None
     with atomic_path(path, suffix=".onnx") as tmp:
         onnx.save(proto, str(tmp))
         make_readable(tmp)
@@ -179,15 +185,18 @@ def export_onnx(
 
 
 @contextlib.contextmanager
-def _quiet_tensorflow_log() -> Iterator[None]:
-    """Hides TensorFlow's Python-logger deprecation notes that freezing prints."""
-    logger = logging.getLogger("tensorflow")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+def _quiet_converter_logs() -> Iterator[None]:
+    """Hides the deprecation notes TensorFlow logs while freezing and tf2onnx's own
+    log lines (an unsupported op is reported once, in the error)."""
+    loggers = [logging.getLogger("tensorflow"), logging.getLogger("tf2onnx")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _convert(model: Any, signature: dict, opset: int | None) -> Any:
@@ -211,7 +220,7 @@ def _convert(model: Any, signature: dict, opset: int | None) -> Any:
     output_names = [t.name for t in concrete.outputs]
     rename = tensor_names_from_structed(concrete, input_names, output_names)
     try:
-        with _quiet_tensorflow_log(), tf.device("/cpu:0"):
+        with _quiet_converter_logs(), tf.device("/cpu:0"):
             graph_def = tf_loader.from_function(concrete, input_names, output_names)
             proto, _ = tf2onnx.convert.from_graph_def(
                 graph_def,
