@@ -26,6 +26,9 @@ batch size). Each line says how far its curves are from the tutorial's.
     python benchmarks/bench_train.py --skip-end-to-end --ablations --ablation-train 64 \\
         --ablation-test 32 --ablation-epochs 2 --ablation-repeats 1   # a quick smoke run
 
+``--probe-fails`` runs the ablations as on a CPU where the fast input gradient's
+bit-identity probe fails, to show which mechanisms engage there.
+
     python benchmarks/bench_train.py --data-dir ../shared/data/cifar10-sample/cifar-10-batches-py
 """
 
@@ -217,6 +220,10 @@ ABLATION = textwrap.dedent(
     from keras_ce_plugin.models import build_vgg16_classifier, split_base_and_head
     from keras_ce_plugin.training import TrainConfig, extract_features, speedups, train
 
+    if os.environ.get("KERAS_CE_BENCH_PROBE_FAILS"):  # a CPU where the probe fails
+        from keras_ce_plugin.training.speedups import fast_grad
+        fast_grad.same_bits_as_tensorflow = lambda *args, **kwargs: False
+
     (x, y), (xt, yt) = load_cifar10(data_dir, limit_train=int(n_train), limit_test=int(n_test))
     times = []
     class Clock(keras.callbacks.Callback):
@@ -358,7 +365,10 @@ def ablations(args: argparse.Namespace) -> None:
         f"{args.ablation_train} train / {args.ablation_test} test images, batch 32; median "
         f"over {args.ablation_repeats} interleaved repeats of the median epoch of epochs "
         f"2-{args.ablation_epochs} (epoch 1 includes tracing and XLA compilation); curves "
-        f"compared with `{ref_name}`:"
+        f"compared with `{ref_name}`; {os.cpu_count()} CPUs, load average "
+        f"{os.getloadavg()[0]:.1f} at the end"
+        + ("; the fast input gradient's probe made to fail" if args.probe_fails else "")
+        + ":"
     )
     print()
     print(
@@ -412,11 +422,19 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help=f"comma-separated subset of: {', '.join(VARIANTS)} (default: all)",
     )
+    p.add_argument(
+        "--probe-fails",
+        action="store_true",
+        help="ablations as on a CPU where the fast input gradient's bit-identity probe "
+        "fails (the probe answers no): which mechanisms engage there",
+    )
     p.add_argument("--skip-end-to-end", action="store_true")
     args = p.parse_args(argv)
     if not args.skip_end_to_end:
         end_to_end(args)
     if args.ablations:
+        if args.probe_fails:
+            os.environ["KERAS_CE_BENCH_PROBE_FAILS"] = "1"
         print()
         ablations(args)
 

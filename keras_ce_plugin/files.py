@@ -283,24 +283,25 @@ def _strings(obj: Any, found: set[str]) -> set[str]:
 def _check_loss_names(p: Path, config: dict[str, Any], *, compile: bool) -> None:
     """Refuses names the plugin cannot resolve before Keras deserialises anything.
 
-    Every ``customloss>`` name must be one this plugin registers (it knows all of
-    them: another is from a newer plugin, a corrupt or a crafted file). Another
-    package's ``"P>N"`` loss in the compile config must be registered (its module
-    imported) to compile; for inference (``compile=False``) a one-line warning
-    names it.
+    Every ``customloss>`` name must be one that Keras' registry holds (importing
+    the plugin registers all of them: another is from a newer plugin, a corrupt or
+    a crafted file). Another package's ``"P>N"`` loss in the compile config must
+    be registered (its module imported) to compile; for inference
+    (``compile=False``) a one-line warning names it.
     """
     from keras_ce_plugin import naming
     from keras_ce_plugin._version import __version__
 
+    ours = naming.registered_names(naming.PACKAGE)
     unknown = sorted(
         name
         for name in _strings(config, set())
-        if name.startswith(naming.PREFIX) and name not in naming.LOSS_NAMES
+        if name.startswith(naming.PREFIX) and name not in ours
     )
     if unknown:
         raise KerasCEError(
             f"{p} uses {', '.join(map(repr, unknown))}, which keras_ce_plugin {__version__} "
-            f"does not register (it registers: {', '.join(sorted(naming.LOSS_NAMES))}). The "
+            f"does not register (it registers: {', '.join(ours)}). The "
             "file was written by a newer version of the plugin or edited: upgrade the plugin."
         )
     compile_config = config.get("compile_config") or {}

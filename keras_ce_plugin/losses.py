@@ -260,17 +260,19 @@ def _user_stacklevel() -> int:
 
 
 def _warn_single_class(y_pred: Tensor, axis: int) -> None:
-    # Like Keras' built-in categorical_crossentropy (which warns for a last axis of
-    # size 1): one class along the class axis makes the loss constant. Issued while
-    # tracing, through Python's warnings, so the default filter shows it once per
-    # call site (and message) rather than on every step of an eager loop.
+    # Keras' built-in categorical_crossentropy warns for a last axis of size 1; this
+    # warning has its category (SyntaxWarning) and the start of its words, so a
+    # user's filter written for the built-in applies to it too, then the plugin's
+    # advice. Issued while tracing, through Python's warnings, so the default filter
+    # shows it once per call site (and message) rather than on every step of an
+    # eager loop.
     warnings.warn(
-        "In loss categorical_ce, expected y_pred to have num_classes > 1 along the "
-        f"class axis (axis={axis}). Received: y_pred.shape={_shape(y_pred)}, i.e. a "
-        "single class, for which the loss is constant (0 up to the clipping epsilon) "
-        "and has no useful gradient. Consider using BinaryCE "
+        "In loss categorical_ce, expected y_pred.shape to be (batch_size, num_classes) "
+        f"with num_classes > 1. Received: y_pred.shape={_shape(y_pred)} (class "
+        f"axis={axis}): a single class, for which the loss is constant (0 up to the "
+        "clipping epsilon) and has no useful gradient. Consider using BinaryCE "
         "(`customloss>BinaryCE`, or binary_ce) if you only have 2 classes.",
-        UserWarning,
+        SyntaxWarning,
         stacklevel=_user_stacklevel(),
     )
 

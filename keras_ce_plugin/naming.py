@@ -37,24 +37,48 @@ import functools
 import importlib
 import inspect
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import keras
 
 from keras_ce_plugin import losses as _losses
 
-PREFIX = _losses.PACKAGE + ">"
+PACKAGE = _losses.PACKAGE
+PREFIX = PACKAGE + ">"
 
-#: Every name this plugin registers (a file-format contract: never rename).
-LOSS_NAMES: dict[str, Any] = {
-    PREFIX + "CategoricalCE": _losses.CategoricalCE,
-    PREFIX + "SparseCategoricalCE": _losses.SparseCategoricalCE,
-    PREFIX + "BinaryCE": _losses.BinaryCE,
-    PREFIX + "categorical_ce": _losses.categorical_ce,
-    PREFIX + "sparse_categorical_ce": _losses.sparse_categorical_ce,
-    PREFIX + "binary_ce": _losses.binary_ce,
-}
+
+class _Registered(Mapping[str, Any]):
+    """A live, read-only view of Keras' registry under one package.
+
+    Keras' registry (``keras.saving.register_keras_serializable``) is the only name
+    registry; this view is derived from it on every access, so it can never fall
+    behind what the imported modules register.
+    """
+
+    def __init__(self, package: str) -> None:
+        self._package = package
+
+    def _names(self) -> dict[str, Any]:
+        return registered_names(self._package)
+
+    def __getitem__(self, name: str) -> Any:
+        return self._names()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __repr__(self) -> str:
+        return f"LOSS_NAMES({sorted(self._names())})"
+
+
+#: Every name this plugin registers (a file-format contract: never rename), read
+#: from Keras' registry: the losses, and the ``large_vocab`` classes once imported
+#: (``import keras_ce_plugin`` imports them).
+LOSS_NAMES: Mapping[str, Any] = _Registered(PACKAGE)
 
 _MARK = "_keras_ce_plugin_original"
 # (module path, attribute) pairs patched by install().
@@ -85,20 +109,31 @@ def _is_loss(obj: Any) -> bool:
     return callable(obj)
 
 
+def registered_names(package: str | None = None) -> dict[str, Any]:
+    """Which names are registered: every ``"P>N"`` in Keras' registry, sorted.
+
+    The one answer to that question (``LOSS_NAMES``, the loader and the error
+    messages all ask here): what the imported modules registered with
+    ``keras.saving.register_keras_serializable``, optionally only package ``P``.
+
+    >>> sorted(registered_names("customloss"))[:2]
+    ['customloss>BinaryCE', 'customloss>CategoricalCE']
+    """
+    found = {
+        name: obj
+        for name, obj in keras.saving.get_custom_objects().items()
+        if is_registered_name(name) and (package is None or name.split(">", 1)[0] == package)
+    }
+    return dict(sorted(found.items()))
+
+
 def registered_losses(package: str | None = None) -> list[str]:
     """The registered ``"P>N"`` names of loss classes and functions, sorted.
 
     >>> registered_losses("customloss")[:2]
     ['customloss>BinaryCE', 'customloss>CategoricalCE']
     """
-    names = [
-        name
-        for name, obj in keras.saving.get_custom_objects().items()
-        if is_registered_name(name) and _is_loss(obj)
-    ]
-    if package is not None:
-        names = [name for name in names if name.split(">", 1)[0] == package]
-    return sorted(names)
+    return [name for name, obj in registered_names(package).items() if _is_loss(obj)]
 
 
 def unknown_loss_error(identifier: str, hint: str = "") -> UnknownLossError:

@@ -99,3 +99,68 @@ def test_interrupted_swap_is_restored(tmp_path):
     kio.clean_stale(target)
     assert (target / "v").read_text() == "previous"
     assert not old.exists()
+
+
+def _tiny_lm_file(tmp_path, loss):
+    """A saved ``LinearCEModel`` (tied head) compiled with ``loss``: its config names
+    ``customloss>LinearCEModel`` and, through ``loss``, ``customloss>LinearCE``."""
+    import keras
+
+    from keras_ce_plugin import LinearCEModel
+
+    keras.utils.set_random_seed(0)
+    tokens = keras.Input((4,), dtype="int32")
+    emb = keras.layers.ReversibleEmbedding(11, 3, name="token_embedding")
+    backbone = keras.Model(tokens, emb(tokens))
+    model = LinearCEModel(backbone, head=emb)
+    model.compile("adam", loss=loss)
+    model.build((None, 4))
+    path = tmp_path / "lm.keras"
+    model.save(path)
+    return path
+
+
+def test_loader_takes_every_class_the_plugin_registers(tmp_path):
+    """The loader asks Keras' registry: LinearCE, LinearCEModel (and TokenAccuracy,
+    which the model tracks) load like the losses do."""
+    import json
+    import zipfile
+
+    from keras_ce_plugin import LinearCE, LinearCEModel
+
+    path = _tiny_lm_file(tmp_path, LinearCE())
+    with zipfile.ZipFile(path) as z:
+        text = z.read("config.json").decode()
+    assert '"customloss>LinearCEModel"' in text and '"customloss>LinearCE"' in text
+    model = kio.load_keras_model(path)
+    assert isinstance(model, LinearCEModel) and isinstance(model.loss, LinearCE)
+    assert json.loads(text)["registered_name"] == "customloss>LinearCEModel"
+
+
+@pytest.mark.parametrize("where", ["loss", "class"])
+def test_loader_refuses_an_unknown_plugin_name_in_one_line(tmp_path, where):
+    import json
+    import zipfile
+
+    from keras_ce_plugin import LinearCE
+    from keras_ce_plugin.errors import KerasCEError
+
+    path = _tiny_lm_file(tmp_path, LinearCE())
+    with zipfile.ZipFile(path) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    config = json.loads(members["config.json"])
+    if where == "loss":
+        config["compile_config"]["loss"]["registered_name"] = "customloss>LinearCEv2"
+    else:
+        config["registered_name"] = "customloss>LinearCEv2"
+    members["config.json"] = json.dumps(config).encode()
+    bad = tmp_path / "bad.keras"
+    with zipfile.ZipFile(bad, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    with pytest.raises(KerasCEError) as err:
+        kio.load_keras_model(bad)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "uses 'customloss>LinearCEv2', which keras_ce_plugin" in message
+    assert "customloss>LinearCEModel" in message  # the registered names it lists

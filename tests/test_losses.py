@@ -896,6 +896,9 @@ def test_no_warning_for_plain_inputs():
 # A single class along the class axis (like Keras' categorical_crossentropy)
 # --------------------------------------------------------------------------- #
 SINGLE_CLASS = "num_classes > 1"
+# Keras' own words for a single-class y_pred (keras/src/losses/losses.py), where its
+# built-in categorical_crossentropy warns with a SyntaxWarning.
+KERAS_WORDS = r"In loss \w+, expected y_pred\.shape to be \(batch_size, num_classes\)"
 
 
 def _single_class_case(shape=(4, 1)):
@@ -906,17 +909,17 @@ def _single_class_case(shape=(4, 1)):
 @pytest.mark.parametrize("from_logits", [False, True], ids=["probs", "logits"])
 def test_single_class_warns_eagerly_and_points_at_the_caller(from_logits):
     y, p = _single_class_case()
-    with pytest.warns(UserWarning, match=SINGLE_CLASS) as record:
+    with pytest.warns(SyntaxWarning, match=KERAS_WORDS) as record:
         CategoricalCE(from_logits=from_logits)(y, p)
     assert "BinaryCE" in str(record[0].message)
     assert record[0].filename == __file__  # the user's line, not Keras'
-    with pytest.warns(UserWarning, match=SINGLE_CLASS):
+    with pytest.warns(SyntaxWarning, match=KERAS_WORDS):
         categorical_ce(y, p, from_logits=from_logits)
 
 
 def test_single_class_along_a_non_last_axis_warns():
     y, p = _single_class_case((2, 1, 3))
-    with pytest.warns(UserWarning, match=r"axis=1\). Received: y_pred.shape=\(2, 1, 3\)"):
+    with pytest.warns(SyntaxWarning, match=r"Received: y_pred.shape=\(2, 1, 3\) \(class axis=1\)"):
         CategoricalCE(axis=1)(y, p)
 
 
@@ -937,7 +940,7 @@ def test_single_class_warns_at_trace_time_in_tf_function():
     y, p = _single_class_case()
     loss = CategoricalCE()
     step = tf.function(lambda a, b: loss(a, b))
-    with pytest.warns(UserWarning, match=SINGLE_CLASS) as record:
+    with pytest.warns(SyntaxWarning, match=SINGLE_CLASS) as record:
         step(tf.constant(y), tf.constant(p))
     # It points at the traced user function (autograph's copy), not at TF/Keras.
     site_packages = os.path.dirname(os.path.dirname(keras.__file__))
@@ -945,6 +948,32 @@ def test_single_class_warns_at_trace_time_in_tf_function():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         step(tf.constant(y), tf.constant(p))  # Same signature: no retrace, no warning.
+
+
+@pytest.mark.parametrize(
+    "user_filter",
+    [
+        {"category": SyntaxWarning},
+        {"message": KERAS_WORDS},
+        {"message": r".*expected y_pred\.shape to be \(batch_size, num_classes\)"},
+        {"message": r".*num_classes > 1", "category": SyntaxWarning},
+    ],
+    ids=["category", "keras_words", "keras_words_anywhere", "both"],
+)
+def test_a_filter_written_for_keras_builtin_applies(user_filter):
+    """A user's ``warnings.filterwarnings`` that silences Keras' built-in
+    single-class warning (the control: checked on Keras itself) silences ours."""
+    y, p = _single_class_case()
+    for loss in (keras.losses.CategoricalCrossentropy(), CategoricalCE()):
+        with warnings.catch_warnings(record=True) as shown:
+            warnings.simplefilter("always")
+            loss(y, p)
+        assert [w.category for w in shown] == [SyntaxWarning], loss  # it warns, unfiltered
+        with warnings.catch_warnings(record=True) as shown:
+            warnings.simplefilter("always")
+            warnings.filterwarnings("ignore", **user_filter)
+            loss(y, p)
+        assert shown == [], (loss, [str(w.message) for w in shown])
 
 
 @pytest.mark.parametrize("shape, axis", [((4, 2), -1), ((2, 3, 1), 1), ((2, 1, 3), -1)])

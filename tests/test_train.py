@@ -41,7 +41,8 @@ def random_base_model(x, seed=SEED):
     keras.utils.set_random_seed(seed)
     model = build_vgg16_classifier(None, seed=seed)
     base, _ = split_base_and_head(model)
-    return with_feature_standardization(model, extract_features(base, x, verbose=False))
+    features = extract_features(base, x, batch_size=32, pad_last=False, verbose=False)
+    return with_feature_standardization(model, features)
 
 
 def tutorial_fit(data, *, seed=SEED, epochs=EPOCHS):
@@ -294,6 +295,23 @@ def test_default_run_engages_the_xla_adam_update(default_run, reference):
     pairs = list(zip(default_run.model.get_weights(), ref_model.get_weights()))
     assert all(np.allclose(a, b, rtol=0, atol=1e-4) for a, b in pairs)
     assert not all(np.array_equal(a, b) for a, b in pairs)
+
+
+def test_default_run_takes_the_fast_input_gradient_on_any_cpu(small, reference, monkeypatch):
+    """Where the bit-identity probe fails (forced here), the default run -- within
+    rounding of the tutorial's anyway -- still takes the fast input gradient, so it is
+    fast on that CPU too; a bitwise run (no XLA update) keeps TensorFlow's."""
+    from keras_ce_plugin.training.speedups import fast_grad
+
+    monkeypatch.setattr(fast_grad, "same_bits_as_tensorflow", lambda *args, **kwargs: False)
+    default = train(CONFIG, small)
+    ((name, sizes),) = default.speedups["fast_input_grad"].items()
+    assert sizes == (32,)  # 96 images: full batches only
+    _, ref = reference
+    for key in HISTORY_KEYS:
+        np.testing.assert_allclose(default.history[key], ref[key], rtol=0, atol=1e-5, err_msg=key)
+    bitwise = train(dataclasses.replace(CONFIG, xla_optimizer=False, epochs=1), small)
+    assert bitwise.speedups["fast_input_grad"] == {}
 
 
 def test_speedups_are_off_without_the_feature_cache(small):

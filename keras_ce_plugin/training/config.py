@@ -56,10 +56,15 @@ class TrainConfig:
     #: matmuls in another order, so the curves drift from the tutorial's by rounding.
     xla_step: bool = False
     #: Compute each large ``Dense`` layer's input gradient as ``(W @ dy^T)^T`` instead
-    #: of ``dy @ W^T`` where a probe at the run's batch sizes shows the very bits of
-    #: TensorFlow's own gradient; the run stays bitwise the same. Not used with ``xla_step``.
+    #: of ``dy @ W^T``: with ``xla_optimizer=False`` only where a probe at the run's
+    #: batch sizes shows the very bits of TensorFlow's own gradient (the run stays
+    #: bitwise the same); with the XLA update (not bitwise anyway) always, on any CPU.
+    #: Not used with ``xla_step``.
     fast_input_grad: bool = True
-    extract_batch_size: int = 128
+    #: The batch size of the feature extraction; ``None``: ``batch_size``, with the
+    #: last batch unpadded, so that the base sees the very batch shapes that plain
+    #: ``fit`` (and its validation pass) gives it.
+    extract_batch_size: int | None = None
     verbose: bool = True
     #: > 0: each epoch is its own ``fit`` with a per-epoch seeded data order, so that a
     #: run resumed from a checkpoint (written every N epochs) repeats the uninterrupted one.
@@ -87,6 +92,8 @@ class TrainConfig:
         """Raises :class:`KerasCEError` for a setting :func:`train` cannot use."""
         for name in ("epochs", "batch_size", "extract_batch_size"):
             value = getattr(self, name)
+            if name == "extract_batch_size" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise KerasCEError(f"`{name}` must be a positive integer. Received: {value!r}")
         every = self.checkpoint_every

@@ -21,8 +21,13 @@ def extract_features(
     batch_size: int = 128,
     verbose: bool = True,
     desc: str = "VGG16 features",
+    pad_last: bool = True,
 ) -> np.ndarray:
     """``base`` applied to ``images`` in inference mode, batch by batch.
+
+    ``pad_last`` pads a last, partial batch to ``batch_size`` (one traced shape);
+    without it the last batch keeps its size, as in ``fit``'s batches, so that the
+    same batch shapes go through the same kernels.
 
     With ``verbose``, progress goes to stderr: a progress bar on a terminal, one
     line when done otherwise (a log file gets no carriage returns).
@@ -43,7 +48,7 @@ def extract_features(
         for first in range(0, len(images), batch_size):
             batch = images[first : first + batch_size]
             n = len(batch)
-            if n < batch_size and first:  # pad the last batch (VGG16 sees each image alone)
+            if pad_last and n < batch_size and first:  # VGG16 sees each image alone
                 pad = np.zeros((batch_size - n, *batch.shape[1:]), dtype=batch.dtype)
                 batch = np.concatenate([batch, pad])
             out.append(keras.ops.convert_to_numpy(base.predict_on_batch(batch))[:n])

@@ -163,7 +163,8 @@ def train(
                     extract_features(
                         base,
                         x,
-                        batch_size=config.extract_batch_size,
+                        batch_size=config.extract_batch_size or config.batch_size,
+                        pad_last=config.extract_batch_size is not None,
                         verbose=config.verbose,
                         desc=f"VGG16 features ({name})",
                     )
@@ -186,6 +187,9 @@ def train(
                 head_layers,
                 xla_step=xla_step,
                 fast_input_grad_batches=batches if fast_ok and config.fast_input_grad else (),
+                # Bitwise runs (no XLA update) take it only where the probe shows the
+                # same bits; the default run, already within rounding, everywhere.
+                same_bits=not config.xla_optimizer,
             )
             fit_x, val_x = f_train, f_test
         else:
@@ -194,7 +198,8 @@ def train(
                 f_train = extract_features(
                     base,
                     x_train,
-                    batch_size=config.extract_batch_size,
+                    batch_size=config.extract_batch_size or config.batch_size,
+                    pad_last=config.extract_batch_size is not None,
                     verbose=config.verbose,
                     desc="VGG16 features (train, for the standardisation)",
                 )

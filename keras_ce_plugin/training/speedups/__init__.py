@@ -5,7 +5,7 @@
 =========================  ==============================  ==========================
 ``xla_optimizer``          :mod:`.xla` (XLA Adam update)   float rounding
 ``xla_step``               :mod:`.xla` (XLA whole step)    float rounding, amplified
-``fast_input_grad``        :mod:`.fast_grad`               none (bitwise, probed)
+``fast_input_grad``        :mod:`.fast_grad`               none (probed), or rounding
 =========================  ==============================  ==========================
 
 They apply on the TensorFlow backend, in float32, without a distribution strategy
@@ -46,13 +46,15 @@ def head_model(
     *,
     xla_step: bool,
     fast_input_grad_batches: Sequence[int] = (),
+    same_bits: bool = True,
 ) -> keras.Model:
     """The head alone on feature inputs: the same layer objects as the full model's.
 
     ``xla_step`` makes its train step one XLA computation. Otherwise, with
     ``fast_input_grad_batches`` (the batch sizes ``fit`` will use), large ``Dense``
     layers that pass the bit-identity probe at each of them get the fast input
-    gradient in training.
+    gradient in training; all of them without ``same_bits`` (no probe: a run that
+    does not promise TensorFlow's bits).
     """
     inputs = keras.Input(input_shape)
     if xla_step:
@@ -60,7 +62,9 @@ def head_model(
         return xla_step_head_class()([inputs, *head_layers], name="head")
     if fast_input_grad_batches:
         head = FastInputGradHead([inputs, *head_layers], name="head")
-        head.fast_dense = fast_input_grad_layers(head_layers, fast_input_grad_batches)
+        head.fast_dense = fast_input_grad_layers(
+            head_layers, fast_input_grad_batches, same_bits=same_bits
+        )
         return head
     return keras.Sequential([inputs, *head_layers], name="head")
 
