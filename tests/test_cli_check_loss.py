@@ -104,3 +104,13 @@ def test_check_loss_unknown_check_is_one_line_exit_2():
     proc = _keras_ce("check-loss", "customloss>CategoricalCE", "--checks", "nope")
     assert proc.returncode == 2 and "Unknown loss check 'nope'" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_check_loss_on_a_keras_identifier_is_one_line_exit_2():
+    """`--loss` takes Keras identifiers; check-loss says what it takes instead of a traceback."""
+    proc = _keras_ce("check-loss", "categorical_crossentropy")
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("keras-ce: error:")]
+    assert len(lines) == 1 and "categorical_crossentropy" in lines[0], proc.stderr
+    assert "keras.losses:CategoricalCrossentropy" in lines[0]
+    assert "Traceback" not in proc.stderr

@@ -65,6 +65,12 @@ def check_loss_command(args: argparse.Namespace) -> int:
     items = []
     for target in args.targets:
         resolved = resolve_loss(target, args.imports, what="check-loss")
+        if isinstance(resolved.obj, str):  # a Keras identifier, passed to Keras unchanged
+            raise KerasCEError(
+                f"check-loss {target}: a Keras identifier is a name for `--loss`, not a loss "
+                "to check; give a registered `P>N` name or `module:Attr`, e.g. "
+                "keras.losses:CategoricalCrossentropy."
+            )
         module = target.rpartition(":")[0] if target.rpartition(":")[0].endswith(".py") else None
         kwargs = {
             "targets": args.target_kind,
