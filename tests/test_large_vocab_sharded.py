@@ -17,8 +17,9 @@ import pytest
 from conftest import require_backend, run_pytest
 from test_large_vocab import reference
 
-from keras_ce_plugin.large_vocab import LinearCE, LinearCEModel, linear_ce
+from keras_ce_plugin.large_vocab import LinearCE, LinearCEModel, fused_trainer, linear_ce
 from keras_ce_plugin.large_vocab._sharded import collectives
+from keras_ce_plugin.large_vocab.hub import HubTrainer
 
 BACKEND = keras.backend.backend()
 FLAG = "KERAS_CE_EIGHT_DEVICES"
@@ -252,6 +253,64 @@ def test_gemma_model_parallel_fit():
         np.testing.assert_allclose(g, e, rtol=0, atol=1e-5 * np.max(np.abs(e)))
 
 
+def test_gemma_fused_trainer_data_and_model_parallel():
+    """``fused_trainer(GemmaCausalLM)`` under ``DataParallel`` and ``ModelParallel``.
+
+    ModelParallel takes keras-hub's own ``get_layout_map`` on a (2, 4) mesh (the
+    vocabulary on 4 devices); both train the ``CausalLM``'s own weights to the loss
+    curve and weights of the same trainer on one device.
+    """
+    _eight_devices()
+    try:
+        import keras_hub
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("keras-hub is not installed; .ci/run installs it")
+        pytest.skip("keras-hub is not installed")
+
+    config = dict(
+        vocabulary_size=256, num_layers=1, num_query_heads=4, num_key_value_heads=4,
+        hidden_dim=32, intermediate_dim=64, head_dim=8,
+    )  # fmt: skip
+    rng = np.random.default_rng(4)
+    tokens = rng.integers(0, 256, (8, 9)).astype("int32")
+    mask = np.ones((8, 8), "int32")
+    mask[:, -2:] = 0  # padding: weight 0, as keras-hub's CausalLM weighs it
+    x = {"token_ids": tokens[:, :-1], "padding_mask": mask}
+    y, sample_weight = tokens[:, 1:], mask.astype("float32")
+    weights = keras_hub.models.GemmaBackbone(**config).get_weights()
+
+    def train():
+        backbone = keras_hub.models.GemmaBackbone(**config)
+        backbone.set_weights(weights)
+        causal_lm = keras_hub.models.GemmaCausalLM(backbone, preprocessor=None)
+        trainer = fused_trainer(causal_lm)
+        assert isinstance(trainer, HubTrainer), trainer
+        trainer.compile(optimizer=keras.optimizers.SGD(0.5), loss=LinearCE())
+        hist = trainer.fit(
+            x, y, sample_weight=sample_weight, batch_size=8, epochs=3, shuffle=False, verbose=0
+        )
+        # The CausalLM's own variables are the ones trained.
+        return hist.history["loss"], [np.asarray(w) for w in causal_lm.get_weights()]
+
+    one_loss, one_w = train()
+    assert one_loss[-1] < one_loss[0], one_loss  # it trains at all
+    mesh = keras.distribution.DeviceMesh((2, 4), ["batch", "model"])
+    dists = {
+        "data": keras.distribution.DataParallel(devices=keras.distribution.list_devices()),
+        "model": keras.distribution.ModelParallel(
+            layout_map=keras_hub.models.GemmaBackbone.get_layout_map(mesh),
+            batch_dim_name="batch",
+        ),
+    }
+    for name, dist in dists.items():
+        with dist.scope():
+            loss, got_w = train()
+        np.testing.assert_allclose(loss, one_loss, rtol=TOL, err_msg=name)
+        for g, e in zip(got_w, one_w):
+            np.testing.assert_allclose(g, e, rtol=0, atol=TOL * np.max(np.abs(e)), err_msg=name)
+
+
 def test_eight_devices_subprocess(monkeypatch):
     """The tests above, in one fresh JAX process with 8 CPU devices."""
     require_backend("jax")
@@ -259,13 +318,13 @@ def test_eight_devices_subprocess(monkeypatch):
         pytest.skip("this is the 8-device process")
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     monkeypatch.setenv(FLAG, "1")
-    # 7 tests run there; the one deselected is this test itself.
+    # 8 tests run there; the one deselected is this test itself.
     run_pytest(
         "tests/test_large_vocab_sharded.py",
         "-k",
         "not subprocess",
         backend="jax",
-        min_passed=7,
+        min_passed=8,
         max_skipped=1,
         timeout=900,
     )
