@@ -112,10 +112,6 @@ MODELS = {
     "llama_untied": (llama, RTOL),
     "gpt2": (gpt2, RTOL),
     "gemma_lora": (gemma_lora, RTOL),
-    # keras-hub rounds the logits (and their gradient) to bfloat16; the fused loss
-    # keeps the same bfloat16 products in float32, so the curves differ by about
-    # bfloat16's resolution (2**-8); weights and greedy tokens are not compared.
-    "gemma_mixed_bfloat16": (lambda: gemma(dtype="mixed_bfloat16"), 1e-2),
 }
 
 
@@ -149,10 +145,8 @@ def generate(lm, x):
 FIT = {"batch_size": 2, "epochs": 2, "verbose": 0, "shuffle": False}
 
 
-@pytest.fixture(scope="module", params=sorted(MODELS))
-def trained(request):
-    """Naive and fused training from one start: histories and the two models."""
-    make, tol = MODELS[request.param]
+def train_pair(make):
+    """Naive and fused training from one start: the two models and their histories."""
     naive, fused = pair(make)
     x, y, sw = lm_batch()
     naive.compile(optimizer=keras.optimizers.SGD(0.5), weighted_metrics=[])
@@ -161,7 +155,25 @@ def trained(request):
     assert isinstance(trainer, HubTrainer)
     trainer.compile(optimizer=keras.optimizers.SGD(0.5))
     h_fused = trainer.fit(x, y, sample_weight=sw, **FIT).history
-    return request.param, tol, naive, fused, h_naive, h_fused, x
+    return naive, fused, h_naive, h_fused, x
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def trained(request):
+    """Naive and fused training from one start: histories and the two models."""
+    make, tol = MODELS[request.param]
+    return (request.param, tol, *train_pair(make))
+
+
+def test_mixed_bfloat16_loss_curve_within_bfloat16_resolution():
+    """keras-hub rounds the logits (and their gradient) to bfloat16; the fused loss
+    keeps the same bfloat16 products in float32, so the curves differ by about
+    bfloat16's resolution (2**-8): the curve is compared at 1e-2; weights, greedy
+    tokens and scores are not (they are for the float32 models above)."""
+    naive, _, h_naive, h_fused, _ = train_pair(lambda: gemma(dtype="mixed_bfloat16"))
+    assert naive.backbone.token_embedding.compute_dtype == "bfloat16"
+    assert rel_err(h_fused["loss"], h_naive["loss"]) <= 1e-2
+    assert h_naive["loss"][-1] < h_naive["loss"][0]  # it trained
 
 
 def rel_err(a, b) -> float:
@@ -174,8 +186,6 @@ def test_loss_curve_and_weights_equal_causal_lm_fit(trained):
     assert rel_err(h_fused["loss"], h_naive["loss"]) <= tol, name
     assert h_naive["loss"][-1] < h_naive["loss"][0]  # it trained
     assert len(h_fused["loss"]) == FIT["epochs"]
-    if name == "gemma_mixed_bfloat16":
-        return
     for a, b in zip(fused.get_weights(), naive.get_weights()):
         # Weights agree to 1e-4: float32 summation order over 2 SGD steps at lr 0.5.
         assert rel_err(a, b) <= max(tol, 1e-4) or np.allclose(a, b, atol=1e-6), name
@@ -183,8 +193,6 @@ def test_loss_curve_and_weights_equal_causal_lm_fit(trained):
 
 def test_generate_after_fused_equals_generate_after_naive(trained):
     name, _, naive, fused, _, _, x = trained
-    if name == "gemma_mixed_bfloat16":
-        pytest.skip("bfloat16 rounding of the naive logits (see MODELS)")
     np.testing.assert_array_equal(generate(fused, x), generate(naive, x), err_msg=name)
 
 
@@ -201,8 +209,6 @@ def test_trained_task_saves_and_reloads(trained, tmp_path):
 
 def test_score_sees_the_trained_weights(trained):
     name, _, naive, fused, _, _, x = trained
-    if name == "gemma_mixed_bfloat16":
-        pytest.skip("bfloat16 rounding of the naive logits (see MODELS)")
     got = np.asarray(fused.score(x["token_ids"], padding_mask=x["padding_mask"]))
     expected = np.asarray(naive.score(x["token_ids"], padding_mask=x["padding_mask"]))
     # The weights agree to ~1e-4 (float32 summation order, 3 SGD steps at lr 0.5).
@@ -292,6 +298,10 @@ def test_hub_on_jax():
         "-k",
         "(gemma_tied or llama_untied or gemma_lora) and not on_jax",
         backend="jax",
+        # Measured: 13 passed, 2 skipped (the LoRA-only test on the other two models),
+        # 16 deselected.
+        min_passed=13,
+        max_skipped=18,
     )
 
 

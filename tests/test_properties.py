@@ -127,7 +127,11 @@ def _check(kind, case):
     # Gradients (computed in the input dtype): finite.
     _, grad = vjp(lambda t: fn(y, t, **options), x_t)
     assert grad.shape == x.shape
-    assert np.all(np.isfinite(grad)), grad
+    # Finite wherever the exact gradient fits the dtype: a float16 row of subnormal
+    # probabilities (sum 2e-6) has a gradient of ~1e6, past float16's 65504.
+    _, wide = vjp(lambda t: fn(y, t, **options), ops.cast(x, "float64"))
+    fits = np.abs(wide) < np.finfo(dtype).max / 2 if dtype != "bfloat16" else True
+    assert np.all(np.isfinite(grad[fits])), (grad, wide)
 
 
 @SETTINGS

@@ -28,7 +28,7 @@ from keras_ce_plugin.testing._report import (
     LossCheckReport,
     first_line,
 )
-from keras_ce_plugin.testing._spec import REGISTRY, Outcome, check
+from keras_ce_plugin.testing._spec import REGISTRY, Outcome, check, set_runner
 from keras_ce_plugin.testing._subprocess import Job, installed_backends, module_spec
 
 
@@ -221,3 +221,6 @@ def _run_all(items, backend: str, tmp: str, timeout: float, jobs: list[Job]):
         else:
             r.outcomes["backends"] = _backends_outcome(results, expected, backend, missing)
     return [r.report() for r in runs]
+
+
+set_runner(run_many)
