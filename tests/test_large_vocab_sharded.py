@@ -37,6 +37,17 @@ def _eight_devices() -> None:
     assert BACKEND == "jax" and jax.device_count() == 8, (BACKEND, jax.devices())
 
 
+def _keras_hub():
+    """keras_hub; skips where it is not installed, fails in CI (.ci/run installs it)."""
+    try:
+        import keras_hub
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("keras-hub is not installed; .ci/run installs it")
+        pytest.skip("keras-hub is not installed")
+    return keras_hub
+
+
 def distribution(shape, kernel_axes):
     mesh = keras.distribution.DeviceMesh(
         shape, ["batch", "model"], keras.distribution.list_devices()
@@ -203,12 +214,7 @@ def test_linear_ce_model_fit_data_parallel():
 def test_gemma_model_parallel_fit():
     """A tiny keras-hub Gemma with its own layout map trains as on one device."""
     _eight_devices()
-    try:
-        import keras_hub
-    except ImportError:
-        if os.environ.get("CI"):
-            pytest.fail("keras-hub is not installed; .ci/run installs it")
-        pytest.skip("keras-hub is not installed")
+    keras_hub = _keras_hub()
     import jax
 
     config = dict(
@@ -261,12 +267,7 @@ def test_gemma_fused_trainer_data_and_model_parallel():
     curve and weights of the same trainer on one device.
     """
     _eight_devices()
-    try:
-        import keras_hub
-    except ImportError:
-        if os.environ.get("CI"):
-            pytest.fail("keras-hub is not installed; .ci/run installs it")
-        pytest.skip("keras-hub is not installed")
+    keras_hub = _keras_hub()
 
     config = dict(
         vocabulary_size=256, num_layers=1, num_query_heads=4, num_key_value_heads=4,
