@@ -25,7 +25,7 @@ from typing import Any
 
 from keras import ops
 
-from keras_ce_plugin.large_vocab import _sharded
+from keras_ce_plugin.large_vocab import _online, _sharded
 from keras_ce_plugin.large_vocab._chunked import (
     _backend,
     _check_chunk,
@@ -257,7 +257,9 @@ def fused_linear_ce_parts(
     0 on skipped rows), for metrics that reuse the training pass.
 
     ``kernel_grad=False`` (a frozen head: LoRA, a frozen embedding) treats the kernel
-    (and bias) as constants: the ``d x V`` gradient and one matmul per chunk are skipped.
+    (and bias) as constants: no ``d x V`` gradient, and the hidden gradient is
+    accumulated online in the forward pass (two matmuls per chunk, as the naive loss;
+    nothing recomputed), except with both label smoothing and a soft cap.
     """
     if strategy not in ("recompute", "in_forward"):
         raise ValueError(
@@ -275,7 +277,10 @@ def fused_linear_ce_parts(
         logit_soft_cap,
         token_chunk_size,
         vocab_chunk_size,
-        fused=compute_grads and strategy == "in_forward",
+        # A frozen head takes the online pass (_online), whatever the strategy.
+        fused=compute_grads
+        and strategy == "in_forward"
+        and (kernel_grad or bool(label_smoothing and logit_soft_cap is not None)),
         z_loss=z_loss,
     )
     plan = _sharded.plan(hidden, given_kernel, spec)
@@ -310,6 +315,18 @@ def fused_linear_ce_parts(
         loss_b, _, amax_b = _forward(impl, rows, kernel, bias, spec)
         return correct_of(rows, loss_b, amax_b)
 
+    def run_online(h):  # a frozen head: dh from the forward pass (_online)
+        rows = _rows(ops.reshape(h, (-1, spec.dim)), safe, active, u, spec, sort=True)
+        loss_b, _, amax_b, dh_b = _online.forward(impl, rows, kernel, bias, spec)
+        parts = correct_of(rows, loss_b, amax_b)
+        dh = _unsort(rows, ops.reshape(dh_b, (-1, spec.dim)))
+
+        def grad(*args, upstream=None):
+            up = ops.cast(_upstream(args, upstream), "float32")
+            return tuple(impl.scale(g, up) for g in _out_grads(h, kernel, None, dh, None, None))
+
+        return parts, grad
+
     def run(h, k, b):
         h2 = ops.reshape(h, (-1, spec.dim))
         rows = _rows(h2, safe, active, u, spec, sort=True)
@@ -337,7 +354,10 @@ def fused_linear_ce_parts(
 
     if not kernel_grad:
         kernel, bias = ops.stop_gradient(kernel), None if bias is None else ops.stop_gradient(bias)
-        out = impl.custom_gradient(lambda h: run(h, kernel, bias))(hidden)
+        if _online.supported(spec):
+            out = impl.custom_gradient(run_online)(hidden)
+        else:
+            out = impl.custom_gradient(lambda h: run(h, kernel, bias))(hidden)
     elif bias is None:
         out = impl.custom_gradient(lambda h, k: run(h, k, None))(hidden, kernel)
     else:

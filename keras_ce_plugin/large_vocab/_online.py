@@ -1,0 +1,132 @@
+"""A frozen head's hidden gradient in the forward pass, accumulated online.
+
+With the kernel and bias constant (a frozen head: LoRA, a frozen embedding) the only
+gradient is the hidden one. Per token ``i``, with softmax ``p``, the soft cap's
+derivative ``c`` (1 without a cap), label ``t``, label smoothing ``s`` and z-loss ``z``:
+
+    dh_i = u_i * ((1 + 2 z lse_i) * sum_j p_ij c_ij W_j - (1 - s) c_it W_t - (s / V) sum_j W_j)
+
+The first sum is accumulated vocabulary chunk by chunk with the running maximum of the
+online log-sum-exp (rescaled as flash attention rescales its output), so one pass of
+two matmuls per chunk gives the loss and ``dh``: the matmuls the naive loss does, and
+no logits recomputed. The backward pass only scales ``dh``. Label smoothing together
+with a soft cap would need a second accumulator (``sum_j c_ij W_j``): that case keeps
+the recomputing path (:func:`supported`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import keras
+from keras import ops
+
+from keras_ce_plugin.large_vocab._chunked import (
+    _backend,
+    _bias_chunk,
+    _block,
+    _chunk_rows,
+    _chunks,
+    _finish,
+    _i32,
+    _init_state,
+    _matmul,
+    _Rows,
+    _Spec,
+)
+
+
+def supported(spec: _Spec) -> bool:
+    """Whether the online pass computes this loss (not: smoothing with a soft cap)."""
+    return not (spec.smoothing and spec.cap is not None)
+
+
+@functools.lru_cache(maxsize=64)
+def _fold(backend: str, cap: float | None, smoothing: float, bias: bool):
+    """``fold(z, b, lab, c0, m, total, tgt, ssum, amax)``: the online state of one
+    chunk, plus ``exp(s - new_max) * c`` (``tn x w``) and the rescale ``exp(m - new_max)``."""
+    impl = _backend()
+
+    def fold(z, b, lab, c0, m, total, tgt, ssum, amax):
+        s = z + b[None, :] if bias else z
+        if cap is not None:
+            s = cap * ops.tanh(s / cap)
+        cols = c0 + ops.arange(0, ops.shape(s)[1], dtype="int32")
+        is_t = ops.equal(lab[:, None], cols[None, :])
+        tgt = tgt + ops.sum(ops.where(is_t, s, 0.0), axis=1)
+        cmax = ops.max(s, axis=1)
+        new_m = ops.maximum(m, cmax)
+        alpha = ops.exp(m - new_m)
+        e = ops.exp(s - new_m[:, None])
+        total = total * alpha + ops.sum(e, axis=1)
+        amax = ops.where(cmax > m, ops.cast(ops.argmax(s, axis=1), "int32") + c0, amax)
+        if smoothing:
+            ssum = ssum + ops.sum(s, axis=1)
+        if cap is not None:
+            e = e * (1.0 - ops.square(s / cap))
+        return new_m, total, tgt, ssum, amax, e, alpha
+
+    return impl.fuse(fold)
+
+
+def _target_rows(kernel, lab, spec: _Spec):
+    """``W_t`` of each row's label, ``(tn, d)`` float32 (a gather, no matmul)."""
+    if spec.transpose:
+        return ops.cast(ops.take(kernel, lab, axis=0), "float32")
+    return ops.transpose(ops.cast(ops.take(kernel, lab, axis=1), "float32"))
+
+
+def _kernel_sum(kernel, spec: _Spec):
+    """``sum_j W_j`` over the vocabulary, ``(d,)`` float32, one chunk at a time."""
+    total = None
+    for c0, c1 in _chunks(spec):
+        part = ops.sum(_block(kernel, c0, c1, spec), axis=0 if spec.transpose else 1)
+        total = part if total is None else total + part
+    return total
+
+
+def forward(impl, rows: _Rows, kernel, bias, spec: _Spec):
+    """Per-row loss, log-sum-exp, argmax ``(chunks, tn)`` and ``d(sum u * loss)/dh``
+    ``(chunks, tn, d)``, rows in the sorted order of ``rows``."""
+    fold = _fold(keras.backend.backend(), spec.cap, spec.smoothing, bias is not None)
+    n_total = rows.n_pad // spec.tn
+    smooth_sum = _kernel_sum(kernel, spec) if spec.smoothing else None
+
+    def body(i, bufs):
+        loss_b, lse_b, amax_b, dh_b = bufs
+        h, lab, u = _chunk_rows(rows, i, spec)
+        h = impl.after(h, dh_b)  # one token chunk at a time
+        state = _init_state(spec.tn)
+        acc = ops.zeros((spec.tn, spec.dim), "float32")
+        for c0, c1 in _chunks(spec):
+            w = _block(impl.after(kernel, state[0]), c0, c1, spec)
+            z = _matmul(impl, impl.after(h, state[0]), w, spec)
+            *folded, e, alpha = fold(z, _bias_chunk(bias, c0, c1), lab, _i32(c0), *state)
+            state = tuple(folded)
+            part = ops.matmul(e, w) if spec.transpose else impl.mm_nt(e, w)
+            acc = acc * alpha[:, None] + part
+        loss, lse, amax = _finish(state, spec)
+        scale = 1.0 / state[1]
+        if spec.zloss:
+            scale = scale * (1.0 + 2.0 * spec.zloss * lse)
+        target = (1.0 - spec.smoothing) * _target_rows(kernel, lab, spec)
+        if spec.cap is not None:  # state[2]: the capped target logit
+            target = target * (1.0 - ops.square(state[2] / spec.cap))[:, None]
+        dh = acc * scale[:, None] - target
+        if smooth_sum is not None:
+            dh = dh - (spec.smoothing / spec.vocab) * smooth_sum[None, :]
+        dh = dh * u[:, None]
+        return (
+            impl.set_row(loss_b, i, loss),
+            impl.set_row(lse_b, i, lse),
+            impl.set_row(amax_b, i, amax),
+            impl.set_row(dh_b, i, dh),
+        )
+
+    init = (
+        impl.zeros((n_total, spec.tn)),
+        impl.zeros((n_total, spec.tn)),
+        impl.zeros((n_total, spec.tn), "int32"),
+        impl.zeros((n_total, spec.tn, spec.dim)),
+    )
+    return ops.fori_loop(0, rows.n_chunks, body, init)
