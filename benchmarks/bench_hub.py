@@ -1,0 +1,222 @@
+"""Whole ``fit`` steps with a large vocabulary: naive vs fused, time and memory.
+
+Two models, each method in its own process (TensorFlow):
+
+* ``--model gemma`` (default): a Gemma-shaped ``keras_hub.models.GemmaCausalLM``
+  (2 layers, tied embedding, V = 256,000 by default) trained by ``causal_lm.fit``
+  (naive: full logits + keras-hub's loss) or by ``fused_trainer(causal_lm).fit``;
+* ``--model dense``: an ``Embedding`` backbone and a ``Dense(V)`` head, as a
+  ``keras.Sequential`` with ``SparseCategoricalCrossentropy`` (naive) or a
+  ``LinearCEModel`` with ``LinearCE`` (fused): ``LinearCE`` in ``fit`` at the loss
+  benchmark's shapes.
+
+``--frozen`` freezes the head (as LoRA or a frozen embedding leaves it).
+
+Time: median of ``--repeats`` ``fit`` steps after one warm-up step (wall and process
+CPU time). Memory, two ways, each above the built model (weights, optimizer state, the
+inputs) and one set of gradients (the trainable weights' size, which any method holds
+while it applies them): the TensorFlow CPU allocator's high-water mark, and the process
+RSS high-water mark (``/proc/self/clear_refs``; big buffers are returned to the system
+at once through ``MALLOC_MMAP_THRESHOLD_``).
+
+``--memory-limit GIB``: for each method, the largest tokens per batch (sequences of
+512, doubling from ``--tokens``) whose first ``fit`` step (tracing included) keeps the
+process RSS within ``GIB`` above the built model: how much longer sequences can get.
+
+    python benchmarks/bench_hub.py --cases 128x256000,512x256000 --tokens 1024
+    python benchmarks/bench_hub.py --model dense --cases 512x131072 --tokens 4096
+    python benchmarks/bench_hub.py --cases 128x256000 --memory-limit 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+GIB = 1024**3
+SEQ = 512
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(key)
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _build(args: argparse.Namespace):
+    """The model to train, its ``x`` and ``y``, and the trainable bytes."""
+    import keras
+    import numpy as np
+
+    from keras_ce_plugin.large_vocab import LinearCE, LinearCEModel, fused_trainer
+
+    dim, vocab = (int(v) for v in args.case.split("x"))
+    keras.utils.set_random_seed(0)
+    batch = max(1, args.tokens // SEQ)
+    ids = np.random.default_rng(0).integers(1, vocab, (batch, SEQ)).astype("int32")
+    y = np.roll(ids, -1, 1)
+    optimizer = keras.optimizers.SGD(1e-3)
+    if args.model == "gemma":
+        import keras_hub
+
+        backbone = keras_hub.models.GemmaBackbone(
+            vocabulary_size=vocab,
+            num_layers=2,
+            num_query_heads=2,
+            num_key_value_heads=1,
+            hidden_dim=dim,
+            intermediate_dim=2 * dim,
+            head_dim=dim // 2,
+        )
+        lm = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
+        if args.frozen:
+            backbone.token_embedding.trainable = False
+        x = {"token_ids": ids, "padding_mask": np.ones_like(ids, bool)}
+        model = lm if args.method == "naive" else fused_trainer(lm)
+        model.compile(
+            optimizer=optimizer, **({"weighted_metrics": []} if args.method == "naive" else {})
+        )
+    else:
+        inputs = keras.Input((SEQ,), dtype="int32")
+        backbone = keras.Model(inputs, keras.layers.Embedding(1000, dim)(inputs))
+        head = keras.layers.Dense(vocab, trainable=not args.frozen)
+        x = ids % 1000
+        if args.method == "naive":
+            model = keras.Sequential([backbone, head])
+            loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+            model.compile(optimizer=optimizer, loss=loss)
+        else:
+            head.build((None, SEQ, dim))
+            model = LinearCEModel(backbone, head=head)
+            model.compile(optimizer=optimizer, loss=LinearCE())
+        model.build((None, SEQ))
+    trainable = sum(int(np.prod(w.shape)) * 4 for w in model.trainable_weights)
+    return model, x, y, batch, trainable
+
+
+def _child(args: argparse.Namespace) -> None:
+    import time
+
+    import tensorflow as tf
+
+    model, x, y, batch, trainable = _build(args)
+
+    def step():
+        model.fit(x, y, batch_size=batch, epochs=1, verbose=0)
+
+    def memory(run):
+        tf.config.experimental.reset_memory_stats("CPU:0")
+        base = tf.config.experimental.get_memory_info("CPU:0")["current"]
+        rss0 = _status_kib("VmRSS") * 1024
+        _reset_peak()
+        run()
+        alloc = tf.config.experimental.get_memory_info("CPU:0")["peak"] - base
+        rss = _status_kib("VmHWM") * 1024 - rss0
+        return (alloc - trainable) / GIB, (rss - trainable) / GIB
+
+    if args.memory_limit:  # one step, tracing included: what a user's first step needs
+        alloc, rss = memory(step)
+        print(json.dumps({"tokens": args.tokens, "peak_gib": alloc, "rss_gib": rss}))
+        return
+    step()  # trace + warm-up step
+    alloc, rss = memory(step)
+    times, cpu = [], []
+    for _ in range(args.repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        step()
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    result = {"median_s": statistics.median(times), "cpu_s": statistics.median(cpu)}
+    print(json.dumps({**result, "peak_gib": alloc, "rss_gib": rss}))
+
+
+def _run(args: argparse.Namespace, case: str, method: str, tokens: int) -> dict:
+    env = {
+        **os.environ,
+        "KERAS_BACKEND": "tensorflow",
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "MALLOC_MMAP_THRESHOLD_": "65536",
+        "MALLOC_TRIM_THRESHOLD_": "0",
+    }
+    cmd = [sys.executable, __file__, "--child", "--case", case, "--method", method]
+    cmd += ["--tokens", str(tokens), "--repeats", str(args.repeats), "--model", args.model]
+    cmd += ["--frozen"] if args.frozen else []
+    cmd += ["--memory-limit", str(args.memory_limit)] if args.memory_limit else []
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{case} {method} N={tokens} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _largest(args: argparse.Namespace, case: str, method: str) -> tuple[int, list[dict]]:
+    """Doubling the tokens until the step's RSS exceeds the limit (or ``--max-tokens``)."""
+    tokens, best, seen = args.tokens, 0, []
+    while tokens <= args.max_tokens:
+        r = _run(args, case, method, tokens)
+        seen.append(r)
+        print(f"  {case} {method:>6} N={tokens:>7} rss {r['rss_gib']:.3f} GiB", flush=True)
+        if r["rss_gib"] > args.memory_limit:
+            break
+        best, tokens = tokens, tokens * 2
+    return best, seen
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cases", default="128x256000", help="comma-separated dxV")
+    p.add_argument("--model", default="gemma", choices=["gemma", "dense"])
+    p.add_argument("--tokens", type=int, default=1024)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--frozen", action="store_true", help="freeze the head (LoRA-like)")
+    p.add_argument("--memory-limit", type=float, default=0.0, help="GiB above the model")
+    p.add_argument("--max-tokens", type=int, default=65536)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--case", help=argparse.SUPPRESS)
+    p.add_argument("--method", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        _child(args)
+        return
+    print(
+        f"model={args.model} frozen={args.frozen} N={args.tokens} repeats={args.repeats} "
+        f"load={os.getloadavg()}"
+    )
+    if args.memory_limit:
+        print(f"largest tokens per batch within {args.memory_limit} GiB of RSS above the model")
+        for case in args.cases.split(","):
+            found = {m: _largest(args, case, m)[0] for m in ("naive", "fused")}
+            ratio = found["fused"] / found["naive"] if found["naive"] else float("inf")
+            print(f"{case:>12} naive {found['naive']} fused {found['fused']} ({ratio:.0f}x)")
+        print(f"load after: {os.getloadavg()}")
+        return
+    print(
+        f"{'case dxV':>12} {'method':>7} {'step s':>7} {'cpu s':>7} {'x naive':>8} "
+        f"{'peak GiB':>9} {'%':>6} {'rss GiB':>8} {'%':>6}"
+    )
+    for case in args.cases.split(","):
+        results = {m: _run(args, case, m, args.tokens) for m in ("naive", "fused")}
+        ref = results["naive"]
+        for m, r in results.items():
+            print(
+                f"{case:>12} {m:>7} {r['median_s']:7.2f} {r['cpu_s']:7.2f} "
+                f"{r['cpu_s'] / ref['cpu_s']:8.2f} {r['peak_gib']:9.3f} "
+                f"{100 * r['peak_gib'] / ref['peak_gib']:5.1f}% {r['rss_gib']:8.3f} "
+                f"{100 * r['rss_gib'] / ref['rss_gib']:5.1f}%",
+                flush=True,
+            )
+    print(f"load after: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
