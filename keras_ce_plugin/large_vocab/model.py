@@ -121,8 +121,11 @@ class LinearCEModel(keras.Model):
         if isinstance(head, keras.layers.ReversibleEmbedding):
             tied = head.tie_weights
             dtype = head.reverse_dtype or head.compute_dtype
+            kernel = head.embeddings if tied else head.reverse_embeddings
+            if tied and getattr(self, "_tied_kernel", None) is not None:
+                kernel = self._tied_kernel  # read through _tied_tf's watched tensor
             weights = {
-                "kernel": head.embeddings if tied else head.reverse_embeddings,
+                "kernel": kernel,
                 "bias": None,
                 "transpose_kernel": tied,
                 "logit_soft_cap": head.logit_soft_cap,
@@ -139,6 +142,25 @@ class LinearCEModel(keras.Model):
             weights["kernel"] = ops.cast(weights["kernel"], dtype)
         weights["kernel_grad"] = bool(head.trainable)
         return weights
+
+    def train_step(self, *args: Any) -> Any:
+        """Keras' step (``(data)``; ``(state, data)`` on JAX); on TensorFlow with a
+        trainable tied head and the fused loss, the embedding's two gradients share
+        one buffer (``_tied_tf``)."""
+        head = self.head
+        tied = (
+            isinstance(head, keras.layers.ReversibleEmbedding)
+            and head.tie_weights
+            and head.trainable
+            and self._fused_loss is not None
+        )
+        if tied and keras.backend.backend() == "tensorflow":
+            from keras_ce_plugin.large_vocab import _tied_tf
+
+            if _tied_tf.applies(self):
+                (data,) = args  # TensorFlow's step takes the batch only
+                return _tied_tf.train_step(self, data, head.embeddings)
+        return super().train_step(*args)
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         loss_fn = self._fused_loss
