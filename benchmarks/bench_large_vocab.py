@@ -21,8 +21,10 @@ on a shared machine the CPU time is the steadier of the two). Memory: the loss's
 own peak above the inputs, the weights and one set of gradients. On TensorFlow this
 is the CPU allocator's high-water mark (``tf.config.experimental.get_memory_info``)
 minus its current use with inputs, weights and the previous step's gradients
-alive, which are then released before the measured step, and, in the same step, the
-process RSS high-water mark above the same state. On JAX and torch it is the
+alive, which are then released before the measured step; and the process RSS
+high-water mark of the first step (tracing included: TensorFlow's oneDNN allocator
+keeps freed memory pooled, so only the first step shows in the RSS) above the RSS
+with inputs, weights and gradient-sized buffers alive. On JAX and torch it is the
 RSS high-water mark (``/proc/self/clear_refs`` reset) of the first run after
 compilation (on torch, after a warm-up run) minus the RSS with inputs, weights and
 gradient-sized buffers alive (released before the run; glibc returns big buffers at
@@ -67,6 +69,22 @@ def _reset_peak() -> None:
         f.write("5")
 
 
+def _rss_base(shapes: list) -> int:
+    """The RSS with gradient-sized buffers alive, which are then released; the peak is
+    reset, so that the next step's high-water mark counts from here."""
+    import gc
+
+    import numpy as np
+
+    spare = [np.ones(shape, "float32") for shape in shapes]
+    gc.collect()
+    base = _status_kib("VmRSS") * 1024
+    del spare
+    gc.collect()
+    _reset_peak()
+    return base
+
+
 def _timed(run, repeats: int) -> tuple[list[float], list[float]]:
     times, cpu = [], []
     for _ in range(repeats):
@@ -78,7 +96,6 @@ def _timed(run, repeats: int) -> tuple[list[float], list[float]]:
 
 
 def _child(args: argparse.Namespace) -> None:
-    import gc
 
     import keras
     import numpy as np
@@ -151,30 +168,24 @@ def _child(args: argparse.Namespace) -> None:
             return grads
 
     if keras.backend.backend() == "tensorflow":
+        # RSS: the first run (tracing included), as TensorFlow's oneDNN allocator keeps
+        # freed memory pooled: later runs reuse the pool and leave the RSS flat.
+        rss_base = _rss_base([x.shape for x in (h, dense.kernel, dense.bias)])
         grads = run()  # warm-up (traces and compiles)
+        rss = _status_kib("VmHWM") * 1024 - rss_base
         times, cpu = _timed(run, args.repeats)
-        # The TensorFlow allocator's own high-water mark (its RSS stays pooled).
+        # The allocator's own high-water mark, above inputs, weights and gradients.
         tf.config.experimental.reset_memory_stats("CPU:0")
         base = tf.config.experimental.get_memory_info("CPU:0")["current"]
-        gc.collect()
-        rss_base = _status_kib("VmRSS") * 1024
         del grads  # the step allocates its own gradients again
-        gc.collect()
-        _reset_peak()
         grads = run()
         peak = tf.config.experimental.get_memory_info("CPU:0")["peak"] - base
-        rss = _status_kib("VmHWM") * 1024 - rss_base
     else:
         if keras.backend.backend() == "jax":
             fn = fn.lower(h, kernel, bias).compile()  # noqa: F821 - compile memory not counted
         else:
             run()  # warm-up
-        spare = [np.ones(x.shape, "float32") for x in (h, dense.kernel, dense.bias)]
-        gc.collect()
-        base = _status_kib("VmRSS") * 1024
-        del spare
-        gc.collect()
-        _reset_peak()
+        base = _rss_base([x.shape for x in (h, dense.kernel, dense.bias)])
         grads = run()
         peak = rss = _status_kib("VmHWM") * 1024 - base
         times, cpu = _timed(run, args.repeats)

@@ -1,10 +1,10 @@
 """TensorFlow ``train_step`` for a tied head: one d x V gradient buffer, not two.
 
 A tied embedding is read twice in a step: by the input lookup (its gradient is an
-``IndexedSlices``) and by the head (a dense ``V x d`` gradient). TensorFlow's tape sums
-the two by concatenating them into a new ``(V + N) x d`` tensor, so two ``V x d``
-buffers are alive at once; with the logits gone, that copy is the largest thing left in
-a fused step. Here the head reads the embedding through a watched tensor whose gradient
+``IndexedSlices``) and by the head (a dense ``V x d`` gradient). TensorFlow sums the
+two by densifying the ``IndexedSlices`` into a second ``V x d`` tensor
+(``UnsortedSegmentSum``, then ``AddN``), so two ``V x d`` buffers are alive at once;
+with the logits gone, that copy is the largest thing left in a fused step. Here the head reads the embedding through a watched tensor whose gradient
 the tape returns separately, and the lookup's rows are added into the head's gradient
 in place (``InplaceAdd``, as the kernel gradient itself is written; under XLA
 ``tensor_scatter_nd_add``, which XLA performs in place). The step is otherwise
