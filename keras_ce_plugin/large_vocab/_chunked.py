@@ -130,14 +130,22 @@ def _matmul(impl, h, w, spec: _Spec):
 
 @functools.lru_cache(maxsize=64)
 def _elementwise(
-    backend: str, cap: float | None, smoothing: float, vocab: int, bias: bool, zloss: float = 0.0
+    backend: str,
+    cap: float | None,
+    smoothing: float,
+    vocab: int,
+    bias: bool,
+    zloss: float = 0.0,
+    online: bool = False,
 ):
     """The per-chunk elementwise work, compiled into one fused kernel per backend.
 
     ``fold(z, b, lab, c0, m, total, tgt, ssum, amax)`` folds the pre-bias logits ``z`` of
-    one chunk into the online state; ``dlogits(z, b, lab, c0, lse, u)`` gives
-    d(u * loss)/d(pre-cap logits) and its column sum. The capped logits are never
-    written to memory.
+    one chunk into the online state; with ``online`` (a frozen head's one-pass
+    gradient, ``_online``) it also returns ``exp(s - new_max)`` times the soft cap's
+    derivative (``tn x w``) and the rescale ``exp(m - new_max)``.
+    ``dlogits(z, b, lab, c0, lse, u)`` gives d(u * loss)/d(pre-cap logits) and its column
+    sum. The capped logits are never written to memory.
     """
     impl = _backend()
 
@@ -152,11 +160,17 @@ def _elementwise(
         tgt = tgt + ops.sum(ops.where(is_t, s, 0.0), axis=1)
         cmax = ops.max(s, axis=1)
         new_m = ops.maximum(m, cmax)
-        total = total * ops.exp(m - new_m) + ops.sum(ops.exp(s - new_m[:, None]), axis=1)
+        alpha = ops.exp(m - new_m)
+        e = ops.exp(s - new_m[:, None])
+        total = total * alpha + ops.sum(e, axis=1)
         amax = ops.where(cmax > m, ops.cast(ops.argmax(s, axis=1), "int32") + c0, amax)
         if smoothing:
             ssum = ssum + ops.sum(s, axis=1)
-        return new_m, total, tgt, ssum, amax
+        if not online:
+            return new_m, total, tgt, ssum, amax
+        if cap is not None:
+            e = e * (1.0 - ops.square(s / cap))
+        return new_m, total, tgt, ssum, amax, e, alpha
 
     def dlogits(z, b, lab, c0, lse, u):
         s = capped(z, b)

@@ -16,17 +16,15 @@ the recomputing path (:func:`supported`).
 
 from __future__ import annotations
 
-import functools
-
 import keras
 from keras import ops
 
 from keras_ce_plugin.large_vocab._chunked import (
-    _backend,
     _bias_chunk,
     _block,
     _chunk_rows,
     _chunks,
+    _elementwise,
     _finish,
     _i32,
     _init_state,
@@ -39,34 +37,6 @@ from keras_ce_plugin.large_vocab._chunked import (
 def supported(spec: _Spec) -> bool:
     """Whether the online pass computes this loss (not: smoothing with a soft cap)."""
     return not (spec.smoothing and spec.cap is not None)
-
-
-@functools.lru_cache(maxsize=64)
-def _fold(backend: str, cap: float | None, smoothing: float, bias: bool):
-    """``fold(z, b, lab, c0, m, total, tgt, ssum, amax)``: the online state of one
-    chunk, plus ``exp(s - new_max) * c`` (``tn x w``) and the rescale ``exp(m - new_max)``."""
-    impl = _backend()
-
-    def fold(z, b, lab, c0, m, total, tgt, ssum, amax):
-        s = z + b[None, :] if bias else z
-        if cap is not None:
-            s = cap * ops.tanh(s / cap)
-        cols = c0 + ops.arange(0, ops.shape(s)[1], dtype="int32")
-        is_t = ops.equal(lab[:, None], cols[None, :])
-        tgt = tgt + ops.sum(ops.where(is_t, s, 0.0), axis=1)
-        cmax = ops.max(s, axis=1)
-        new_m = ops.maximum(m, cmax)
-        alpha = ops.exp(m - new_m)
-        e = ops.exp(s - new_m[:, None])
-        total = total * alpha + ops.sum(e, axis=1)
-        amax = ops.where(cmax > m, ops.cast(ops.argmax(s, axis=1), "int32") + c0, amax)
-        if smoothing:
-            ssum = ssum + ops.sum(s, axis=1)
-        if cap is not None:
-            e = e * (1.0 - ops.square(s / cap))
-        return new_m, total, tgt, ssum, amax, e, alpha
-
-    return impl.fuse(fold)
 
 
 def _target_rows(kernel, lab, spec: _Spec):
@@ -88,7 +58,9 @@ def _kernel_sum(kernel, spec: _Spec):
 def forward(impl, rows: _Rows, kernel, bias, spec: _Spec):
     """Per-row loss, log-sum-exp, argmax ``(chunks, tn)`` and ``d(sum u * loss)/dh``
     ``(chunks, tn, d)``, rows in the sorted order of ``rows``."""
-    fold = _fold(keras.backend.backend(), spec.cap, spec.smoothing, bias is not None)
+    fold, _ = _elementwise(
+        keras.backend.backend(), spec.cap, spec.smoothing, spec.vocab, bias is not None, online=True
+    )
     n_total = rows.n_pad // spec.tn
     smooth_sum = _kernel_sum(kernel, spec) if spec.smoothing else None
 
