@@ -833,6 +833,65 @@ def test_z_loss_and_lse_match_reference(rng, cap):
     assert rel_err(fused, (loss * w).sum()) <= RTOL
 
 
+@pytest.mark.parametrize(
+    ("strategy", "kernel_grad", "compute_grads"),
+    [
+        ("recompute", True, True),
+        ("in_forward", True, True),
+        ("recompute", False, True),
+        ("recompute", True, False),
+    ],
+    ids=["recompute", "in_forward", "frozen_online", "no_grads"],
+)
+def test_fused_parts_return_lse_on_every_path(rng, strategy, kernel_grad, compute_grads):
+    """``return_lse``: the per-token log-sum-exp of the capped logits (float64 NumPy),
+    0 on skipped rows (weight 0, ``ignore_class``), from each pass that computes it."""
+    from keras_ce_plugin.large_vocab.ops import fused_linear_ce_parts
+
+    cap, ignore = 4.0, 3
+    h, k, b, y = data(rng, ignore=ignore)
+    w = rng.uniform(size=len(y)).astype("float32")
+    w[1::7] = 0.0
+    s = cap * np.tanh((h.astype(np.float64) @ k + b) / cap)
+    m = s.max(1)
+    lse = np.log(np.exp(s - m[:, None]).sum(1)) + m
+    skipped = (w == 0) | (y == ignore)
+    kw = dict(bias=b, logit_soft_cap=cap, ignore_class=ignore, z_loss=1e-2, return_lse=True)
+    kw.update(token_chunk_size=8, vocab_chunk_size=50, strategy=strategy)
+    kw.update(kernel_grad=kernel_grad, compute_grads=compute_grads)
+    total, _, per_token, got = fused_linear_ce_parts(h, k, y, w, **kw)
+    assert rel_err(np.where(skipped, 0.0, lse), got) <= RTOL
+    assert not np.asarray(got)[skipped].any()
+    loss = np.where(skipped, 0.0, lse - s[np.arange(len(y)), y] + 1e-2 * lse**2)
+    assert rel_err(per_token, loss) <= RTOL and rel_err(total, (loss * w).sum()) <= RTOL
+
+
+@pytest.mark.parametrize(("head_kind", "cap"), [("tied", None), ("untied", 5.0)])
+def test_z_loss_reported_as_metric_in_fit_and_evaluate(rng, head_kind, cap):
+    """With ``LinearCE(z_loss=z)``, ``fit`` and ``evaluate`` report ``z_loss``: the
+    weighted mean of ``z * lse**2`` over the counted tokens (float64 NumPy on the
+    model's own logits; learning rate 0 keeps them fixed for the epoch). Without a
+    z-loss there is no such metric."""
+    x, y, sw = lm_data(rng)
+    z = 1e-2
+    model = tiny_lm(head_kind, cap)
+    model.compile(
+        keras.optimizers.SGD(0.0), LinearCE(z_loss=z, token_chunk_size=16, vocab_chunk_size=40)
+    )
+    hist = model.fit(x, y, sample_weight=sw, batch_size=4, epochs=1, verbose=0, shuffle=False)
+    logits = model.predict(x, verbose=0).astype(np.float64)  # capped by a capped head
+    m = logits.max(-1)
+    lse = np.log(np.exp(logits - m[..., None]).sum(-1)) + m
+    expected = (z * lse**2 * sw).sum() / sw.sum()
+    # float32 sums over the 96 counted tokens of two batches
+    assert rel_err(hist.history["z_loss"], [expected]) <= RTOL
+    ev = model.evaluate(x, y, sample_weight=sw, verbose=0, return_dict=True)
+    assert rel_err(ev["z_loss"], expected) <= RTOL
+    plain = tiny_lm(head_kind, cap)
+    plain.compile(keras.optimizers.SGD(0.0), LinearCE())
+    assert "z_loss" not in plain.fit(x, y, batch_size=4, epochs=1, verbose=0).history
+
+
 _STRUCTURAL = """
 import jax, jax.numpy as jnp, numpy as np, keras
 from keras_ce_plugin.large_vocab import fused_linear_ce_sum, linear_ce

@@ -311,8 +311,8 @@ def _grads(impl, rows: _Rows, kernel, bias, spec: _Spec, lse_b, fused: bool, ker
     Without ``kernel_grad`` (a frozen head) the ``d x V`` gradient and its matmul are
     skipped (``dk`` is None).
 
-    With ``fused``, the loss, argmax and gradients come from one pass that keeps a
-    token chunk's whole logits row; otherwise each logits chunk is recomputed with
+    With ``fused``, the loss, log-sum-exp, argmax and gradients come from one pass that
+    keeps a token chunk's whole logits row; otherwise each logits chunk is recomputed with
     the log-sum-exp ``lse_b`` of the forward pass.
     """
     total = rows.n_pad // spec.tn
@@ -320,12 +320,13 @@ def _grads(impl, rows: _Rows, kernel, bias, spec: _Spec, lse_b, fused: bool, ker
     fold, dlogits = _kernels(spec, bias)
 
     def body(i, bufs):
-        dh_b, dk, db, loss_b, amax_b = bufs
+        dh_b, dk, db, loss_b, lse_out, amax_b = bufs
         h, lab, u = _chunk_rows(rows, i, spec)
         h = impl.after(h, dk)  # one token chunk at a time
         if fused:
             (loss, lse, amax), kept = _fold_all(impl, h, lab, kernel, bias, spec, keep=True)
             loss_b = impl.set_row(loss_b, i, loss)
+            lse_out = impl.set_row(lse_out, i, lse)
             amax_b = impl.set_row(amax_b, i, amax)
         else:
             lse = lse_b[i]
@@ -349,7 +350,7 @@ def _grads(impl, rows: _Rows, kernel, bias, spec: _Spec, lse_b, fused: bool, ker
                 dk = impl.after(dk, part)
             if bias is not None:
                 db[k] = db[k] + g_sum
-        return impl.set_row(dh_b, i, dh), dk, tuple(db), loss_b, amax_b
+        return impl.set_row(dh_b, i, dh), dk, tuple(db), loss_b, lse_out, amax_b
 
     init = (
         impl.zeros((total, spec.tn, spec.dim)),
@@ -360,13 +361,14 @@ def _grads(impl, rows: _Rows, kernel, bias, spec: _Spec, lse_b, fused: bool, ker
         ),
         tuple(ops.zeros((c1 - c0,), "float32") for c0, c1 in chunks) if bias is not None else (),
         impl.zeros((total, spec.tn)) if fused else ops.zeros((1,)),
+        impl.zeros((total, spec.tn)) if fused else ops.zeros((1,)),
         impl.zeros((total, spec.tn), "int32") if fused else ops.zeros((1,), "int32"),
     )
-    dh_b, dk, db, loss_b, amax_b = ops.fori_loop(0, rows.n_chunks, body, init)
+    dh_b, dk, db, loss_b, lse_b, amax_b = ops.fori_loop(0, rows.n_chunks, body, init)
     dh = _unsort(rows, ops.reshape(dh_b, (-1, spec.dim)))
     dk = impl.finish_kernel_grad(dk, spec.dim, spec.vocab, spec.transpose) if kernel_grad else None
     db = ops.concatenate(list(db), axis=0) if bias is not None else None
-    return dh, dk, db, loss_b, amax_b
+    return dh, dk, db, loss_b, lse_b, amax_b
 
 
 def _labels(labels, vocab: int, ignore_class: int | None):

@@ -118,7 +118,7 @@ class LinearCE(_CrossEntropyLoss):
             eps = self.label_smoothing
             nll = (1.0 - eps) * nll - eps * ops.mean(log_p, axis=-1)
         if self.z_loss:
-            nll = nll + self.z_loss * ops.square(ops.logsumexp(logits, axis=-1))
+            nll = nll + self.z_terms(ops.logsumexp(logits, axis=-1))
         bad = ops.logical_or(labels < 0, labels >= vocab)
         nll = ops.where(bad, float("nan"), nll)
         if self.ignore_class is not None:
@@ -215,8 +215,10 @@ class LinearCE(_CrossEntropyLoss):
         compute_grads: bool = True,
         mask: Any = None,
         kernel_grad: bool = True,
-    ) -> tuple[Any, Any, Any, Any]:
-        """:meth:`fused` plus the unweighted per-token losses (no gradient; for metrics)."""
+        return_lse: bool = False,
+    ) -> tuple[Any, ...]:
+        """:meth:`fused` plus the unweighted per-token losses (no gradient; for metrics);
+        with ``return_lse``, also the per-token log-sum-exp (0 on skipped tokens)."""
         cap = self.effective_cap(logit_soft_cap)
         shape = ops.shape(hidden)[:-1]
         mask = _mask_of(hidden) if mask is None else mask
@@ -224,7 +226,7 @@ class LinearCE(_CrossEntropyLoss):
         # Tokens of weight 0 are skipped (no matmul); they still count in the
         # "sum_over_batch_size" denominator, as in Keras.
         scale = self._scale(weights, self._kept(labels, shape, mask))
-        loss, correct, per_token = fused_linear_ce_parts(
+        loss, correct, per_token, *lse = fused_linear_ce_parts(
             hidden,
             kernel,
             ops.reshape(labels, shape),
@@ -239,8 +241,21 @@ class LinearCE(_CrossEntropyLoss):
             compute_grads=compute_grads,
             kernel_grad=kernel_grad,
             z_loss=self.z_loss,
+            return_lse=return_lse,
         )
-        return ops.cast(loss, self.dtype), correct, weights, ops.reshape(per_token, shape)
+        parts = (ops.cast(loss, self.dtype), correct, weights, ops.reshape(per_token, shape))
+        return parts + tuple(ops.reshape(x, shape) for x in lse)
+
+    def z_terms(self, lse: Any) -> Any:
+        """Per-token z-loss terms ``z_loss * lse**2`` of log-sum-exp values ``lse``."""
+        return self.z_loss * ops.square(ops.cast(lse, "float32"))
+
+    def logits_lse(self, y_pred: Any, cap: float | None) -> Any:
+        """Per-token log-sum-exp of logits ``y_pred``, soft-capped by ``cap``."""
+        logits = ops.cast(y_pred, "float32")
+        if cap is not None:
+            logits = cap * ops.tanh(logits / cap)
+        return ops.logsumexp(logits, axis=-1)
 
     def effective_cap(self, head_cap: float | None) -> float | None:
         """The one soft cap of head and loss (applied once; an error if they differ)."""

@@ -54,8 +54,10 @@ class LinearCEModel(keras.Model):
 
     Compiled with a :class:`LinearCE` loss, ``fit`` computes the loss from the
     hidden states (``model(x, training=True)`` returns them) and tracks
-    ``token_accuracy``; ``predict``/``evaluate``/``model(x)`` return the logits.
-    With another loss it is an ordinary model.
+    ``token_accuracy`` (and, when the loss has a ``z_loss``, ``z_loss``: the weighted
+    mean of its per-token terms ``z_loss * lse**2``, part of the reported loss);
+    ``predict``/``evaluate``/``model(x)`` return the logits. With another loss it is
+    an ordinary model.
     """
 
     def __init__(self, backbone: Any, head: Any, **kwargs: Any) -> None:
@@ -80,7 +82,21 @@ class LinearCEModel(keras.Model):
         self.backbone = backbone
         self.head = head
         self.token_accuracy = TokenAccuracy()
+        self.z_loss_tracker = keras.metrics.Mean(name="z_loss")
         self._returned_hidden = False
+
+    @property
+    def metrics(self) -> list[Any]:
+        """Keras' metrics; ``z_loss`` only while the compiled loss has a z-loss."""
+        found = super().metrics
+        if not self._z_loss:
+            found = [m for m in found if m is not self.z_loss_tracker]
+        return found
+
+    @property
+    def _z_loss(self) -> float:
+        loss = self._fused_loss
+        return loss.z_loss if loss is not None else 0.0
 
     def build(self, input_shape: Any) -> None:
         if not self.backbone.built:
@@ -175,14 +191,20 @@ class LinearCEModel(keras.Model):
             dtype = keras.backend.standardize_dtype(head["kernel"].dtype)
             if keras.backend.standardize_dtype(y_pred.dtype) != dtype:  # as the head casts
                 y_pred = ops.cast(y_pred, dtype)
-            loss, correct, weights, per_token = loss_fn.fused_parts(
-                y_pred, sample_weight=sample_weight, labels=y, logit_soft_cap=head_cap, **head
+            loss, correct, weights, per_token, *lse = loss_fn.fused_parts(
+                y_pred,
+                sample_weight=sample_weight,
+                labels=y,
+                logit_soft_cap=head_cap,
+                return_lse=bool(loss_fn.z_loss),
+                **head,
             )
             self.token_accuracy.update_from_correct(correct, weights)
             self._update_loss_metrics(
                 loss_fn, y, y_pred, sample_weight, per_token, (cap, head_cap), head
             )
         else:  # y_pred are the logits (evaluate), already capped by a capped head
+            lse = []
             shape = ops.shape(y_pred)[:-1]
             per_token = loss_fn.per_token(y, y_pred, cap if head_cap is None else None)
             loss = loss_fn.reduce_tokens(per_token, y, sample_weight, _mask_of(y_pred))
@@ -190,6 +212,13 @@ class LinearCEModel(keras.Model):
             pred = ops.cast(ops.argmax(y_pred, axis=-1), "int32")
             weights = loss_fn.token_weights(y, sample_weight, shape, _mask_of(y_pred))
             self.token_accuracy.update_from_correct(ops.equal(pred, labels), weights)
+            if loss_fn.z_loss:
+                lse = [loss_fn.logits_lse(y_pred, cap if head_cap is None else None)]
+        if lse:  # the z-loss part of the loss, weighted as token_accuracy
+            self.z_loss_tracker.update_state(
+                ops.reshape(loss_fn.z_terms(lse[0]), (-1,)),
+                sample_weight=ops.reshape(weights, (-1,)),
+            )
         for extra in self.losses:
             loss = loss + ops.cast(extra, loss.dtype)
         return loss

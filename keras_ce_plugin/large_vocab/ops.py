@@ -161,7 +161,7 @@ def linear_ce(
             pad = rows.n_pad - rows.n
             if not isinstance(pad, int) or pad:
                 up = ops.concatenate([up, ops.zeros((pad,), "float32")], axis=0)
-            dh, dk, db, _, _ = _grads(impl, rows._replace(u=up), k, b, spec, lse_b, False)
+            dh, dk, db, *_ = _grads(impl, rows._replace(u=up), k, b, spec, lse_b, False)
             return _out_grads(h, k, b, dh, dk, db)
 
         return (loss, lse), grad
@@ -252,9 +252,12 @@ def fused_linear_ce_parts(
     strategy: str = "recompute",
     kernel_grad: bool = True,
     z_loss: float = 0.0,
-) -> tuple[Any, Any, Any]:
+    return_lse: bool = False,
+) -> tuple[Any, ...]:
     """:func:`fused_linear_ce_sum`, plus the ``(N,)`` per-token losses (no gradient;
-    0 on skipped rows), for metrics that reuse the training pass.
+    0 on skipped rows), for metrics that reuse the training pass; with
+    ``return_lse``, also the ``(N,)`` per-token log-sum-exp of the (capped) logits
+    (no gradient; 0 on skipped rows), e.g. for a z-loss metric.
 
     ``kernel_grad=False`` (a frozen head: LoRA, a frozen embedding) treats the kernel
     (and bias) as constants: no ``d x V`` gradient, and the hidden gradient is
@@ -297,28 +300,31 @@ def fused_linear_ce_parts(
     # A label outside [0, V) on a counted row makes the loss NaN, as in `linear_ce`.
     nan_term = ops.sum(ops.where(nan_rows, float("nan"), 0.0))
     if plan is not None:  # sharded over a device mesh: _sharded
-        _sharded_unsupported(spec, False)
+        _sharded_unsupported(spec, return_lse)
         args = (plan, hidden, kernel, bias, safe, active, u, spec, compute_grads)
         total, correct, per_token = _sharded.fused_sum(*args)
         return total + nan_term, correct, per_token
 
-    def correct_of(rows, loss_b, amax_b):
+    def correct_of(rows, loss_b, lse_b, amax_b):
         amax = _unsort(rows, ops.reshape(amax_b, (-1,)))
         loss = _unsort(rows, ops.reshape(loss_b, (-1,)))
         hit = ops.logical_and(active, ops.equal(amax, safe))
         per_token = ops.where(active, loss, 0.0)
-        return ops.sum(u * loss) + nan_term, ops.cast(hit, "float32"), per_token
+        parts: tuple[Any, ...] = (ops.sum(u * loss) + nan_term, ops.cast(hit, "float32"), per_token)
+        if return_lse:
+            lse = _unsort(rows, ops.reshape(lse_b, (-1,)))
+            parts += (ops.where(active, lse, 0.0),)
+        return parts
 
     if not compute_grads:
         h2 = ops.reshape(hidden, (-1, spec.dim))
         rows = _rows(h2, safe, active, u, spec, sort=True)
-        loss_b, _, amax_b = _forward(impl, rows, kernel, bias, spec)
-        return correct_of(rows, loss_b, amax_b)
+        return correct_of(rows, *_forward(impl, rows, kernel, bias, spec))
 
     def run_online(h):  # a frozen head: dh from the forward pass (_online)
         rows = _rows(ops.reshape(h, (-1, spec.dim)), safe, active, u, spec, sort=True)
-        loss_b, _, amax_b, dh_b = _online.forward(impl, rows, kernel, bias, spec)
-        parts = correct_of(rows, loss_b, amax_b)
+        loss_b, lse_b, amax_b, dh_b = _online.forward(impl, rows, kernel, bias, spec)
+        parts = correct_of(rows, loss_b, lse_b, amax_b)
         dh = _unsort(rows, ops.reshape(dh_b, (-1, spec.dim)))
 
         def grad(*args, upstream=None):
@@ -332,18 +338,18 @@ def fused_linear_ce_parts(
         rows = _rows(h2, safe, active, u, spec, sort=True)
         if strategy == "recompute":
             loss_b, lse_b, amax_b = _forward(impl, rows, k, b, spec)
-            parts = correct_of(rows, loss_b, amax_b)
+            parts = correct_of(rows, loss_b, lse_b, amax_b)
 
             def grad(*args, upstream=None):
                 up = ops.cast(_upstream(args, upstream), "float32")
                 scaled = rows._replace(u=rows.u * up)
-                dh, dk, db, _, _ = _grads(impl, scaled, k, b, spec, lse_b, False, kernel_grad)
+                dh, dk, db, *_ = _grads(impl, scaled, k, b, spec, lse_b, False, kernel_grad)
                 return _out_grads(h, k, b if kernel_grad else None, dh, dk, db)
 
             return parts, grad
 
-        dh, dk, db, loss_b, amax_b = _grads(impl, rows, k, b, spec, None, True, kernel_grad)
-        parts = correct_of(rows, loss_b, amax_b)
+        dh, dk, db, loss_b, lse_b, amax_b = _grads(impl, rows, k, b, spec, None, True, kernel_grad)
+        parts = correct_of(rows, loss_b, lse_b, amax_b)
 
         def grad_in_forward(*args, upstream=None):
             up = ops.cast(_upstream(args, upstream), "float32")
@@ -362,4 +368,4 @@ def fused_linear_ce_parts(
         out = impl.custom_gradient(lambda h, k: run(h, k, None))(hidden, kernel)
     else:
         out = impl.custom_gradient(run)(hidden, kernel, bias)
-    return out[0], ops.stop_gradient(out[1]), ops.stop_gradient(out[2])
+    return (out[0], *(ops.stop_gradient(x) for x in out[1:]))
