@@ -10,6 +10,8 @@ gradients w.r.t. hidden, kernel and bias:
   in the backward pass (Cut Cross-Entropy's way; what ``LinearCE`` uses in ``fit``);
 * ``in_forward``: the same with the gradients computed in the forward pass (Liger
   Kernel's way);
+* ``recompute_fixed`` (optional): ``recompute`` with the fixed pair of chunk sizes
+  used before they came from a memory budget (4096 tokens x 1024 columns);
 * ``per_token`` (optional): ``mean(linear_ce(...))``, the public per-token function;
 * ``naive_frozen`` and ``frozen`` (optional): a frozen head (LoRA, a frozen
   embedding), the gradient w.r.t. ``hidden`` only: the naive loss, and
@@ -34,6 +36,8 @@ once through ``MALLOC_MMAP_THRESHOLD_``).
     python benchmarks/bench_large_vocab.py --quick               # N=4096, d=512, V=32768
     python benchmarks/bench_large_vocab.py --cases 512x131072 --methods naive,recompute,per_token
     python benchmarks/bench_large_vocab.py --cases 512x131072 --methods naive_frozen,frozen
+    python benchmarks/bench_large_vocab.py --cases 512x131072 --tokens 1024 \
+        --methods naive,recompute_fixed,recompute
     python benchmarks/bench_large_vocab.py --backend jax --quick
     python benchmarks/bench_large_vocab.py --backend torch --quick
 
@@ -123,6 +127,9 @@ def _child(args: argparse.Namespace) -> None:
             return fused_linear_ce_parts(hh, kk, y, weights, bias=bb, kernel_grad=False, **chunks)[
                 0
             ]
+        if args.method == "recompute_fixed":
+            fixed = {"token_chunk_size": 4096, "vocab_chunk_size": 1024}
+            return fused_linear_ce_sum(hh, kk, y, weights, bias=bb, **fixed)[0]
         if args.method == "per_token":
             return keras.ops.mean(linear_ce(hh, kk, y, bias=bb, **chunks))
         return fused_linear_ce_sum(hh, kk, y, weights, bias=bb, strategy=args.method, **chunks)[0]

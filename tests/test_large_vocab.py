@@ -1010,7 +1010,12 @@ def test_no_tf_graph_tensor_has_n_times_v_elements(rng):
         emb = keras.layers.ReversibleEmbedding(v, d)
         inputs = keras.Input((256,), dtype="int32")
         model = LinearCEModel(keras.Model(inputs, emb(inputs)), head=emb)
-        loss = LinearCE() if kind == "fused" else keras.losses.SparseCategoricalCrossentropy(True)
+        # A 1 MiB chunk budget: the default 64 MiB would hold all 512 x 8192 logits here.
+        loss = (
+            LinearCE(chunk_budget_mib=1.0)
+            if kind == "fused"
+            else keras.losses.SparseCategoricalCrossentropy(True)
+        )
         model.compile(keras.optimizers.SGD(1e-3), loss=loss)
         model.build((None, 256))
         model.optimizer.build(model.trainable_variables)

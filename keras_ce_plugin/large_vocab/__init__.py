@@ -6,6 +6,7 @@ and :class:`TokenAccuracy` are the Keras-facing pieces (registered under the
 trainer of its own variables with the fused loss.
 """
 
+from keras_ce_plugin.large_vocab._sizes import chunk_sizes
 from keras_ce_plugin.large_vocab.hub import fused_trainer
 from keras_ce_plugin.large_vocab.loss import LinearCE
 from keras_ce_plugin.large_vocab.metrics import TokenAccuracy, linear_token_accuracy
@@ -16,6 +17,7 @@ __all__ = [
     "LinearCE",
     "LinearCEModel",
     "TokenAccuracy",
+    "chunk_sizes",
     "fused_linear_ce_sum",
     "fused_trainer",
     "linear_ce",

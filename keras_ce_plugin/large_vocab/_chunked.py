@@ -17,13 +17,9 @@ from typing import Any, NamedTuple
 import keras
 from keras import ops
 
+from keras_ce_plugin.large_vocab._sizes import chunk_sizes
 from keras_ce_plugin.losses import _check_ignore_class, _check_label_smoothing
 
-DEFAULT_TOKEN_CHUNK = 4096
-DEFAULT_VOCAB_CHUNK = 1024
-# Gradient-in-forward keeps `token_chunk x V` logits: the token chunk is sized so
-# that this row stays within this many float32 elements.
-FUSED_ROW_ELEMENTS = 1 << 23
 _HALF = ("float16", "bfloat16")
 
 
@@ -81,7 +77,7 @@ def _check_cap(value: Any) -> float | None:
     return float(value)
 
 
-def _spec(hidden, kernel, bias, transpose, cap, smoothing, tn, tv, fused) -> _Spec:
+def _spec(hidden, kernel, bias, transpose, cap, smoothing, tn, tv, fused, budget=None) -> _Spec:
     if not isinstance(transpose, bool):
         raise TypeError(
             f"`transpose_kernel` must be a bool. Received: transpose_kernel={transpose!r}"
@@ -101,16 +97,16 @@ def _spec(hidden, kernel, bias, transpose, cap, smoothing, tn, tv, fused) -> _Sp
         raise ValueError(
             f"`bias` must have shape ({vocab},). Received: bias.shape={tuple(bias.shape)}"
         )
-    tv = min(tv or DEFAULT_VOCAB_CHUNK, vocab)
     rows = math.prod(hidden.shape[:-1]) if None not in hidden.shape[:-1] else None
-    if tn is None:
-        tn = (
-            max(16, min(DEFAULT_TOKEN_CHUNK, FUSED_ROW_ELEMENTS // vocab))
-            if fused
-            else DEFAULT_TOKEN_CHUNK
-        )
-    if rows is not None:  # no chunk larger than the (static) number of tokens
-        tn = max(1, min(tn, rows))
+    tn, tv = chunk_sizes(
+        rows,
+        int(dim),
+        int(vocab),
+        chunk_budget_mib=budget,
+        token_chunk_size=tn,
+        vocab_chunk_size=tv,
+        in_forward=fused,
+    )
     return _Spec(int(dim), int(vocab), transpose, _check_cap(cap), smoothing, tn, tv)
 
 

@@ -8,6 +8,7 @@ import keras
 from keras import ops
 
 from keras_ce_plugin.large_vocab._chunked import _check_cap, _check_chunk
+from keras_ce_plugin.large_vocab._sizes import check_budget
 from keras_ce_plugin.large_vocab.ops import _check_z_loss, fused_linear_ce_parts
 from keras_ce_plugin.losses import (
     _check_ignore_class,
@@ -55,7 +56,9 @@ class LinearCE(_CrossEntropyLoss):
     With ``ignore_class`` (or a Keras mask on ``y_pred``, e.g. from
     ``Embedding(mask_zero=True)``), ``"sum_over_batch_size"``/``"mean"`` average over
     the other tokens, as Keras' built-in does. ``z_loss`` adds PaLM's
-    ``z_loss * logsumexp(logits)**2`` per token (``1e-4`` in PaLM). ``reduction=None`` returns the
+    ``z_loss * logsumexp(logits)**2`` per token (``1e-4`` in PaLM). The chunk sizes
+    not given are chosen so that one chunk's working memory stays within
+    ``chunk_budget_mib`` (default 64 MiB; see :func:`chunk_sizes`). ``reduction=None`` returns the
     per-token values times their weights (as Keras' losses do), which makes the
     class usable as a metric (``metrics=["customloss>LinearCE"]``); ``fit`` then
     follows the gradient of their sum, as Keras' ``fit`` does.
@@ -69,6 +72,7 @@ class LinearCE(_CrossEntropyLoss):
         token_chunk_size: int | None = None,
         vocab_chunk_size: int | None = None,
         z_loss: float = 0.0,
+        chunk_budget_mib: float | None = None,
         reduction: str | None = "sum_over_batch_size",
         name: str = "linear_ce",
         dtype: Any = None,
@@ -84,6 +88,7 @@ class LinearCE(_CrossEntropyLoss):
         self.token_chunk_size = _check_chunk("token_chunk_size", token_chunk_size)
         self.vocab_chunk_size = _check_chunk("vocab_chunk_size", vocab_chunk_size)
         self.z_loss = _check_z_loss(z_loss)
+        self.chunk_budget_mib = check_budget(chunk_budget_mib)
 
     # -- on logits (evaluate, predict-time checks) ------------------------------
     def __call__(self, y_true, y_pred, sample_weight=None):
@@ -238,6 +243,7 @@ class LinearCE(_CrossEntropyLoss):
             logit_soft_cap=cap,
             token_chunk_size=self.token_chunk_size,
             vocab_chunk_size=self.vocab_chunk_size,
+            chunk_budget_mib=self.chunk_budget_mib,
             compute_grads=compute_grads,
             kernel_grad=kernel_grad,
             z_loss=self.z_loss,
@@ -277,4 +283,5 @@ class LinearCE(_CrossEntropyLoss):
             "token_chunk_size": self.token_chunk_size,
             "vocab_chunk_size": self.vocab_chunk_size,
             "z_loss": self.z_loss,
+            "chunk_budget_mib": self.chunk_budget_mib,
         }

@@ -39,6 +39,7 @@ from keras_ce_plugin.large_vocab._chunked import (
     _unsort,
     _upstream,
 )
+from keras_ce_plugin.large_vocab._sizes import check_budget
 
 __all__ = ["fused_linear_ce_parts", "fused_linear_ce_sum", "linear_ce"]
 
@@ -57,6 +58,7 @@ def _prepare(
     *,
     fused: bool,
     z_loss: float = 0.0,
+    chunk_budget_mib: float | None = None,
 ) -> tuple[Any, Any, Any, Any, Any]:
     """Validated inputs and the chunking spec shared by both entry points."""
     hidden, kernel, bias, ignore_class, smoothing = _inputs(
@@ -72,6 +74,7 @@ def _prepare(
         _check_chunk("token_chunk_size", token_chunk_size),
         _check_chunk("vocab_chunk_size", vocab_chunk_size),
         fused=fused,
+        budget=check_budget(chunk_budget_mib),
     )
     return hidden, kernel, bias, ignore_class, spec._replace(zloss=_check_z_loss(z_loss))
 
@@ -94,6 +97,7 @@ def linear_ce(
     logit_soft_cap: float | None = None,
     token_chunk_size: int | None = None,
     vocab_chunk_size: int | None = None,
+    chunk_budget_mib: float | None = None,
     z_loss: float = 0.0,
     return_lse: bool = False,
 ) -> Any:
@@ -114,7 +118,10 @@ def linear_ce(
         ignore_class: Label whose rows cost nothing (and no matmul).
         label_smoothing: In [0, 1], as Keras' ``CategoricalCrossentropy``.
         logit_soft_cap: Optional positive cap (Gemma 2 soft-capping).
-        token_chunk_size, vocab_chunk_size: Chunk sizes (defaults from a sweep).
+        token_chunk_size, vocab_chunk_size: Chunk sizes (default: from
+            ``chunk_budget_mib`` and the shapes, see :func:`chunk_sizes`).
+        chunk_budget_mib: Working memory of one chunk, in MiB (default 64), from
+            which the chunk sizes not given are chosen.
         z_loss: PaLM's z-loss coefficient (e.g. ``1e-4``): each token adds
             ``z_loss * lse**2``, ``lse`` the log-sum-exp of its (capped) logits.
         return_lse: Also return the per-token log-sum-exp (no gradient).
@@ -137,6 +144,7 @@ def linear_ce(
         vocab_chunk_size,
         fused=False,
         z_loss=z_loss,
+        chunk_budget_mib=chunk_budget_mib,
     )
     plan = _sharded.plan(hidden, given_kernel, spec)
     impl = _backend()
@@ -205,6 +213,7 @@ def fused_linear_ce_sum(
     logit_soft_cap: float | None = None,
     token_chunk_size: int | None = None,
     vocab_chunk_size: int | None = None,
+    chunk_budget_mib: float | None = None,
     compute_grads: bool = True,
     strategy: str = "recompute",
 ) -> tuple[Any, Any]:
@@ -229,6 +238,7 @@ def fused_linear_ce_sum(
         logit_soft_cap=logit_soft_cap,
         token_chunk_size=token_chunk_size,
         vocab_chunk_size=vocab_chunk_size,
+        chunk_budget_mib=chunk_budget_mib,
         compute_grads=compute_grads,
         strategy=strategy,
     )
@@ -248,6 +258,7 @@ def fused_linear_ce_parts(
     logit_soft_cap: float | None = None,
     token_chunk_size: int | None = None,
     vocab_chunk_size: int | None = None,
+    chunk_budget_mib: float | None = None,
     compute_grads: bool = True,
     strategy: str = "recompute",
     kernel_grad: bool = True,
@@ -285,6 +296,7 @@ def fused_linear_ce_parts(
         and strategy == "in_forward"
         and (kernel_grad or bool(label_smoothing and logit_soft_cap is not None)),
         z_loss=z_loss,
+        chunk_budget_mib=chunk_budget_mib,
     )
     plan = _sharded.plan(hidden, given_kernel, spec)
     impl = _backend()
