@@ -12,6 +12,9 @@ gradients w.r.t. hidden, kernel and bias:
   Kernel's way);
 * ``recompute_fixed`` (optional): ``recompute`` with the fixed pair of chunk sizes
   used before they came from a memory budget (4096 tokens x 1024 columns);
+* ``recompute_input`` (optional, with ``--dtype bfloat16``/``float16``): ``recompute``
+  with ``matmul_precision="input"`` (the matmuls in the half dtype, as the naive
+  head's);
 * ``per_token`` (optional): ``mean(linear_ce(...))``, the public per-token function;
 * ``naive_frozen`` and ``frozen`` (optional): a frozen head (LoRA, a frozen
   embedding), the gradient w.r.t. ``hidden`` only: the naive loss, and
@@ -38,6 +41,8 @@ once through ``MALLOC_MMAP_THRESHOLD_``).
     python benchmarks/bench_large_vocab.py --cases 512x131072 --methods naive_frozen,frozen
     python benchmarks/bench_large_vocab.py --cases 512x131072 --tokens 1024 \
         --methods naive,recompute_fixed,recompute
+    python benchmarks/bench_large_vocab.py --cases 512x131072 --dtype bfloat16 \
+        --methods naive,recompute,recompute_input
     python benchmarks/bench_large_vocab.py --backend jax --quick
     python benchmarks/bench_large_vocab.py --backend torch --quick
 
@@ -121,8 +126,13 @@ def _child(args: argparse.Namespace) -> None:
     frozen = args.method.endswith("frozen")  # gradient w.r.t. hidden only
 
     def loss_of(hh, kk, bb):
+        if args.dtype != "float32":  # mixed precision: float32 weights, half compute
+            hh, kk, bb = (keras.ops.cast(x, args.dtype) for x in (hh, kk, bb))
         if args.method in ("naive", "naive_frozen"):
             return builtin(y, keras.ops.matmul(hh, kk) + bb)
+        if args.method == "recompute_input":
+            half = {"matmul_precision": "input"}
+            return fused_linear_ce_sum(hh, kk, y, weights, bias=bb, **half, **chunks)[0]
         if frozen:
             return fused_linear_ce_parts(hh, kk, y, weights, bias=bb, kernel_grad=False, **chunks)[
                 0
@@ -231,6 +241,8 @@ def _run_case(args: argparse.Namespace, case: str, method: str) -> dict:
         str(args.tokens),
         "--repeats",
         str(args.repeats),
+        "--dtype",
+        args.dtype,
     ]
     for flag, value in (("--token-chunk", args.token_chunk), ("--vocab-chunk", args.vocab_chunk)):
         if value:
@@ -251,6 +263,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--token-chunk", type=int, default=None)
     p.add_argument("--vocab-chunk", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="only d=512, V=32768")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="compute dtype of hidden and kernel (the weights stay float32)",
+    )
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--case", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
@@ -260,7 +278,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     cases = ["512x32768"] if args.quick else args.cases.split(",")
     methods = args.methods.split(",")
-    print(f"backend={args.backend} N={args.tokens} repeats={args.repeats} load={os.getloadavg()}")
+    print(
+        f"backend={args.backend} N={args.tokens} dtype={args.dtype} repeats={args.repeats} "
+        f"load={os.getloadavg()}"
+    )
     print(
         f"{'case dxV':>12} {'method':>12} {'wall s':>8} {'x naive':>8} {'cpu s':>8} "
         f"{'x naive':>8} {'peak GiB':>9} {'% naive':>8} {'rss GiB':>8} {'% naive':>8}"

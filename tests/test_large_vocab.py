@@ -293,6 +293,49 @@ def test_half_precision_gradient_values_match_reference(rng, dtype):
         assert rel_err(_to64(gh), dh) <= tol and rel_err(_to64(gk), dk) <= tol
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_matmul_precision_input_runs_half_matmuls(rng, dtype):
+    """``matmul_precision="input"``: the matmuls run in the half dtype with float32
+    accumulation. On TensorFlow and torch the loss equals the float64 loss of the
+    logits as the naive head computes them (``ops.matmul`` in the dtype, rounded) to
+    1e-5 and differs from the exact products' (the half matmul really ran); XLA (JAX)
+    may skip that rounding, so there it equals one of the two. Gradients, from every
+    strategy and the frozen head's online pass, are within 2 eps of the exact ones:
+    the kernel gradient's matmul rounds the logits' gradient (eps/2) and its product
+    (eps/2), and each returned gradient is rounded once (eps/2); the hidden gradient's
+    matmul is float32."""
+    from keras_ce_plugin.large_vocab.ops import fused_linear_ce_parts
+
+    tol = 2 * float(_finfo(dtype).eps)
+    h, k, b, y = data(rng, n=19, d=8, v=41)
+    w = rng.uniform(size=len(y)).astype("float32")
+    hh, kk = ops.cast(h, dtype), ops.cast(k, dtype)
+    naive_logits = _to64(ops.matmul(hh, kk))
+    as_naive = reference(naive_logits, np.eye(41), y, b, cap=3.0)[0]
+    loss, dh, dk, _ = reference(_to64(hh), _to64(kk), y, b, cap=3.0, w=w)
+    kw = {"bias": b, "logit_soft_cap": 3.0, "token_chunk_size": 5, "vocab_chunk_size": 12}
+    kw["matmul_precision"] = "input"
+    out = linear_ce(hh, kk, y, **kw)
+    if BACKEND == "jax":  # XLA may keep the float32 accumulator (excess precision)
+        assert min(rel_err(out, as_naive), rel_err(out, loss)) <= RTOL
+    else:
+        assert rel_err(out, as_naive) <= RTOL
+        assert rel_err(out, loss) > RTOL  # float32 matmuls: ~1e-7
+    for fn in (
+        lambda a, c: ops.sum(ops.multiply(linear_ce(a, c, y, **kw), w)),
+        lambda a, c: fused_linear_ce_sum(a, c, y, w, **kw)[0],
+        lambda a, c: fused_linear_ce_sum(a, c, y, w, strategy="in_forward", **kw)[0],
+    ):
+        _, (gh, gk) = value_and_grads(fn, hh, kk)
+        assert [keras.backend.standardize_dtype(g.dtype) for g in (gh, gk)] == [dtype] * 2
+        assert rel_err(_to64(gh), dh) <= tol and rel_err(_to64(gk), dk) <= tol
+    frozen = lambda a: fused_linear_ce_parts(a, kk, y, w, kernel_grad=False, **kw)[0]  # noqa: E731
+    _, (gh,) = value_and_grads(frozen, hh)
+    assert rel_err(_to64(gh), dh) <= tol
+    with pytest.raises(ValueError, match="`matmul_precision` must be"):
+        linear_ce(hh, kk, y, matmul_precision="half")
+
+
 @pytest.mark.parametrize("strategy", ["recompute", "in_forward"])
 def test_torch_retained_graph_backward_twice(rng, strategy):
     """torch: the custom Function keeps its forward state for a retained graph, so a

@@ -32,6 +32,7 @@ class _Spec(NamedTuple):
     tn: int
     tv: int
     zloss: float = 0.0  # PaLM's z-loss coefficient: loss += zloss * lse**2
+    mm_dtype: str = "float32"  # logits and kernel-gradient matmuls (matmul_precision="input")
 
 
 def _backend() -> Any:
@@ -63,6 +64,27 @@ def _check_chunk(name: str, value: Any) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"`{name}` must be a positive integer or None. Received: {name}={value!r}")
     return int(value)
+
+
+def _check_precision(value: Any) -> str:
+    if value not in ("float32", "input"):
+        raise ValueError(
+            f"`matmul_precision` must be 'float32' or 'input'. Received: matmul_precision={value!r}"
+        )
+    return str(value)
+
+
+def _mm_dtype(hidden: Any, kernel: Any, precision: Any) -> str:
+    """The matmuls' operand dtype: float32, or with ``matmul_precision="input"`` the
+    inputs' half dtype (the products then come out in it, as the naive head's do)."""
+    precision = _check_precision(precision)
+    dtype = keras.backend.standardize_dtype(hidden.dtype)
+    same = dtype == keras.backend.standardize_dtype(kernel.dtype)
+    return dtype if precision == "input" and same and dtype in _HALF else "float32"
+
+
+def _to(x: Any, dtype: str) -> Any:
+    return x if keras.backend.standardize_dtype(x.dtype) == dtype else ops.cast(x, dtype)
 
 
 def _check_cap(value: Any) -> float | None:
@@ -116,12 +138,20 @@ def _chunks(spec: _Spec) -> list[tuple[int, int]]:
 
 def _block(kernel, c0: int, c1: int, spec: _Spec):
     blk = kernel[c0:c1] if spec.transpose else kernel[:, c0:c1]
-    return ops.cast(blk, "float32")
+    return _to(blk, spec.mm_dtype)
 
 
 def _matmul(impl, h, w, spec: _Spec):
-    """Pre-bias logits of one chunk, ``(tn, w)``."""
-    return impl.mm_nt(h, w) if spec.transpose else ops.matmul(h, w)
+    """Pre-bias logits of one chunk, ``(tn, w)`` float32."""
+    return _to(impl.mm_nt(h, w) if spec.transpose else ops.matmul(h, w), "float32")
+
+
+def _back(impl, g, w, spec: _Spec):
+    """``g @ W_chunk.T`` (a hidden-gradient part), ``(tn, d)``, always in float32:
+    ``dh`` sums one part per vocabulary chunk, and a half-precision matmul would round
+    each of them (the naive head rounds its single product once)."""
+    w = _to(w, "float32")
+    return ops.matmul(g, w) if spec.transpose else impl.mm_nt(g, w)
 
 
 @functools.lru_cache(maxsize=64)
@@ -250,7 +280,7 @@ def _unsort(rows: _Rows, x):
 
 def _chunk_rows(rows: _Rows, i, spec: _Spec):
     start = i * spec.tn
-    h = ops.cast(ops.slice(rows.h, (start, 0), (spec.tn, spec.dim)), "float32")
+    h = _to(ops.slice(rows.h, (start, 0), (spec.tn, spec.dim)), spec.mm_dtype)
     lab = ops.slice(rows.lab, (start,), (spec.tn,))
     u = ops.slice(rows.u, (start,), (spec.tn,))
     return h, lab, u
@@ -335,10 +365,11 @@ def _grads(impl, rows: _Rows, kernel, bias, spec: _Spec, lse_b, fused: bool, ker
             else:
                 z = _matmul(impl, impl.after(h, dk), w, spec)
             g, g_sum = dlogits(z, _bias_chunk(bias, c0, c1), lab, _i32(c0), lse, u)
-            part = ops.matmul(g, w) if spec.transpose else impl.mm_nt(g, w)
+            part = _back(impl, g, w, spec)
             dh = part if dh is None else dh + part
             if kernel_grad:
-                blk = impl.mm_tn(g, h) if spec.transpose else impl.mm_tn(h, g)
+                gm = _to(g, spec.mm_dtype)
+                blk = _to(impl.mm_tn(gm, h) if spec.transpose else impl.mm_tn(h, gm), "float32")
                 dk = impl.add_kernel_grad(
                     dk, blk, c0, spec.dim, spec.vocab, spec.tv, spec.transpose
                 )

@@ -20,6 +20,7 @@ import keras
 from keras import ops
 
 from keras_ce_plugin.large_vocab._chunked import (
+    _back,
     _bias_chunk,
     _block,
     _chunk_rows,
@@ -50,7 +51,8 @@ def _kernel_sum(kernel, spec: _Spec):
     """``sum_j W_j`` over the vocabulary, ``(d,)`` float32, one chunk at a time."""
     total = None
     for c0, c1 in _chunks(spec):
-        part = ops.sum(_block(kernel, c0, c1, spec), axis=0 if spec.transpose else 1)
+        blk = ops.cast(_block(kernel, c0, c1, spec), "float32")
+        part = ops.sum(blk, axis=0 if spec.transpose else 1)
         total = part if total is None else total + part
     return total
 
@@ -75,7 +77,7 @@ def forward(impl, rows: _Rows, kernel, bias, spec: _Spec):
             z = _matmul(impl, impl.after(h, state[0]), w, spec)
             *folded, e, alpha = fold(z, _bias_chunk(bias, c0, c1), lab, _i32(c0), *state)
             state = tuple(folded)
-            part = ops.matmul(e, w) if spec.transpose else impl.mm_nt(e, w)
+            part = _back(impl, e, w, spec)
             acc = acc * alpha[:, None] + part
         loss, lse, amax = _finish(state, spec)
         scale = 1.0 / state[1]

@@ -24,8 +24,10 @@ class HubTrainer(LinearCEModel):
 
     Shares every variable with the ``CausalLM``; ``fit`` takes what the ``CausalLM``'s
     ``fit`` takes (raw text is run through its ``preprocessor``). ``compile()``
-    defaults follow keras-hub's: ``Adam(2e-5)`` and ``LinearCE()`` (the task's final
-    soft cap, if any, counts as the head's). Use the ``CausalLM``
+    defaults follow keras-hub's: ``Adam(2e-5)`` and
+    ``LinearCE(matmul_precision="input")`` (under ``mixed_bfloat16`` the head's
+    matmuls run in bfloat16, as keras-hub's do; the task's final soft cap, if any,
+    counts as the head's). Use the ``CausalLM``
     itself to ``generate``, ``score``, ``save``.
     """
 
@@ -39,8 +41,8 @@ class HubTrainer(LinearCEModel):
     def compile(self, optimizer: Any = "auto", loss: Any = "auto", **kwargs: Any) -> None:
         if optimizer == "auto":
             optimizer = keras.optimizers.Adam(2e-5)
-        if loss == "auto":
-            loss = LinearCE()
+        if loss == "auto":  # a half-precision head's matmuls in its dtype, as keras-hub's
+            loss = LinearCE(matmul_precision="input")
         super().compile(optimizer=optimizer, loss=loss, **kwargs)
 
     def _logits(self, hidden: Any) -> Any:

@@ -7,7 +7,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from keras_ce_plugin.large_vocab._chunked import _check_cap, _check_chunk
+from keras_ce_plugin.large_vocab._chunked import _check_cap, _check_chunk, _check_precision
 from keras_ce_plugin.large_vocab._sizes import check_budget
 from keras_ce_plugin.large_vocab.ops import _check_z_loss, fused_linear_ce_parts
 from keras_ce_plugin.losses import (
@@ -58,7 +58,9 @@ class LinearCE(_CrossEntropyLoss):
     the other tokens, as Keras' built-in does. ``z_loss`` adds PaLM's
     ``z_loss * logsumexp(logits)**2`` per token (``1e-4`` in PaLM). The chunk sizes
     not given are chosen so that one chunk's working memory stays within
-    ``chunk_budget_mib`` (default 64 MiB; see :func:`chunk_sizes`). ``reduction=None`` returns the
+    ``chunk_budget_mib`` (default 64 MiB; see :func:`chunk_sizes`).
+    ``matmul_precision="input"`` runs the fused matmuls in a half-precision head's
+    dtype (e.g. ``mixed_bfloat16``), as the naive head does (see :func:`linear_ce`). ``reduction=None`` returns the
     per-token values times their weights (as Keras' losses do), which makes the
     class usable as a metric (``metrics=["customloss>LinearCE"]``); ``fit`` then
     follows the gradient of their sum, as Keras' ``fit`` does.
@@ -73,6 +75,7 @@ class LinearCE(_CrossEntropyLoss):
         vocab_chunk_size: int | None = None,
         z_loss: float = 0.0,
         chunk_budget_mib: float | None = None,
+        matmul_precision: str = "float32",
         reduction: str | None = "sum_over_batch_size",
         name: str = "linear_ce",
         dtype: Any = None,
@@ -89,6 +92,7 @@ class LinearCE(_CrossEntropyLoss):
         self.vocab_chunk_size = _check_chunk("vocab_chunk_size", vocab_chunk_size)
         self.z_loss = _check_z_loss(z_loss)
         self.chunk_budget_mib = check_budget(chunk_budget_mib)
+        self.matmul_precision = _check_precision(matmul_precision)
 
     # -- on logits (evaluate, predict-time checks) ------------------------------
     def __call__(self, y_true, y_pred, sample_weight=None):
@@ -244,6 +248,7 @@ class LinearCE(_CrossEntropyLoss):
             token_chunk_size=self.token_chunk_size,
             vocab_chunk_size=self.vocab_chunk_size,
             chunk_budget_mib=self.chunk_budget_mib,
+            matmul_precision=self.matmul_precision,
             compute_grads=compute_grads,
             kernel_grad=kernel_grad,
             z_loss=self.z_loss,
@@ -284,4 +289,5 @@ class LinearCE(_CrossEntropyLoss):
             "vocab_chunk_size": self.vocab_chunk_size,
             "z_loss": self.z_loss,
             "chunk_budget_mib": self.chunk_budget_mib,
+            "matmul_precision": self.matmul_precision,
         }

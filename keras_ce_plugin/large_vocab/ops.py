@@ -33,6 +33,7 @@ from keras_ce_plugin.large_vocab._chunked import (
     _grads,
     _inputs,
     _labels,
+    _mm_dtype,
     _out_grads,
     _rows,
     _spec,
@@ -59,6 +60,7 @@ def _prepare(
     fused: bool,
     z_loss: float = 0.0,
     chunk_budget_mib: float | None = None,
+    matmul_precision: str = "float32",
 ) -> tuple[Any, Any, Any, Any, Any]:
     """Validated inputs and the chunking spec shared by both entry points."""
     hidden, kernel, bias, ignore_class, smoothing = _inputs(
@@ -76,7 +78,10 @@ def _prepare(
         fused=fused,
         budget=check_budget(chunk_budget_mib),
     )
-    return hidden, kernel, bias, ignore_class, spec._replace(zloss=_check_z_loss(z_loss))
+    spec = spec._replace(
+        zloss=_check_z_loss(z_loss), mm_dtype=_mm_dtype(hidden, kernel, matmul_precision)
+    )
+    return hidden, kernel, bias, ignore_class, spec
 
 
 def _check_z_loss(value: Any) -> float:
@@ -98,6 +103,7 @@ def linear_ce(
     token_chunk_size: int | None = None,
     vocab_chunk_size: int | None = None,
     chunk_budget_mib: float | None = None,
+    matmul_precision: str = "float32",
     z_loss: float = 0.0,
     return_lse: bool = False,
 ) -> Any:
@@ -109,7 +115,7 @@ def linear_ce(
     ``N x V`` tensor: the backward pass recomputes the logits chunk by chunk.
 
     Args:
-        hidden: ``(..., d)`` float tensor (float16/bfloat16 are computed in float32).
+        hidden: ``(..., d)`` float tensor (float16/bfloat16: see ``matmul_precision``).
         kernel: ``(d, V)`` as in ``Dense``, or ``(V, d)`` (an embedding matrix, a
             tied head) with ``transpose_kernel=True``; never copied or transposed.
         labels: Integer ids, shape ``hidden.shape[:-1]``.
@@ -122,6 +128,13 @@ def linear_ce(
             ``chunk_budget_mib`` and the shapes, see :func:`chunk_sizes`).
         chunk_budget_mib: Working memory of one chunk, in MiB (default 64), from
             which the chunk sizes not given are chosen.
+        matmul_precision: ``"float32"`` (half-precision inputs are cast to float32
+            for the matmuls: exact products) or ``"input"``: for ``hidden`` and
+            ``kernel`` both float16 or both bfloat16, the logits and kernel-gradient
+            matmuls run in that dtype (float32 accumulation inside the matmul; the
+            products are rounded to it, as the naive head rounds them), faster where
+            the hardware has half-precision matmuls. The hidden gradient's matmul and
+            the elementwise work stay float32.
         z_loss: PaLM's z-loss coefficient (e.g. ``1e-4``): each token adds
             ``z_loss * lse**2``, ``lse`` the log-sum-exp of its (capped) logits.
         return_lse: Also return the per-token log-sum-exp (no gradient).
@@ -145,6 +158,7 @@ def linear_ce(
         fused=False,
         z_loss=z_loss,
         chunk_budget_mib=chunk_budget_mib,
+        matmul_precision=matmul_precision,
     )
     plan = _sharded.plan(hidden, given_kernel, spec)
     impl = _backend()
@@ -191,12 +205,14 @@ def linear_ce(
 
 
 def _sharded_unsupported(spec: Any, return_lse: bool) -> None:
-    """The sharded path computes neither the z-loss nor the log-sum-exp it returns."""
-    if spec.zloss or return_lse:
+    """The sharded path computes neither the z-loss nor the log-sum-exp it returns,
+    and its matmuls are float32."""
+    if spec.zloss or return_lse or spec.mm_dtype != "float32":
         raise ValueError(
-            "`z_loss` and `return_lse` are not available on a sharded vocabulary "
-            "(keras.distribution or a JAX mesh) yet: run without them there. Received: "
-            f"z_loss={spec.zloss}, return_lse={return_lse}"
+            "`z_loss`, `return_lse` and `matmul_precision='input'` are not available on a "
+            "sharded vocabulary (keras.distribution or a JAX mesh) yet: run without them "
+            f"there. Received: z_loss={spec.zloss}, return_lse={return_lse}, "
+            f"matmul dtype={spec.mm_dtype}"
         )
 
 
@@ -214,6 +230,7 @@ def fused_linear_ce_sum(
     token_chunk_size: int | None = None,
     vocab_chunk_size: int | None = None,
     chunk_budget_mib: float | None = None,
+    matmul_precision: str = "float32",
     compute_grads: bool = True,
     strategy: str = "recompute",
 ) -> tuple[Any, Any]:
@@ -239,6 +256,7 @@ def fused_linear_ce_sum(
         token_chunk_size=token_chunk_size,
         vocab_chunk_size=vocab_chunk_size,
         chunk_budget_mib=chunk_budget_mib,
+        matmul_precision=matmul_precision,
         compute_grads=compute_grads,
         strategy=strategy,
     )
@@ -259,6 +277,7 @@ def fused_linear_ce_parts(
     token_chunk_size: int | None = None,
     vocab_chunk_size: int | None = None,
     chunk_budget_mib: float | None = None,
+    matmul_precision: str = "float32",
     compute_grads: bool = True,
     strategy: str = "recompute",
     kernel_grad: bool = True,
@@ -297,6 +316,7 @@ def fused_linear_ce_parts(
         and (kernel_grad or bool(label_smoothing and logit_soft_cap is not None)),
         z_loss=z_loss,
         chunk_budget_mib=chunk_budget_mib,
+        matmul_precision=matmul_precision,
     )
     plan = _sharded.plan(hidden, given_kernel, spec)
     impl = _backend()
