@@ -27,6 +27,7 @@ process RSS within ``GIB`` above the built model: how much longer sequences can 
     python benchmarks/bench_hub.py --cases 128x256000,512x256000 --tokens 1024
     python benchmarks/bench_hub.py --model dense --cases 512x131072 --tokens 4096
     python benchmarks/bench_hub.py --cases 128x256000 --memory-limit 4
+    python benchmarks/bench_hub.py --cases 512x256000 --dtype mixed_bfloat16
 """
 
 from __future__ import annotations
@@ -68,15 +69,17 @@ def _build(args: argparse.Namespace):
             hidden_dim=dim,
             intermediate_dim=2 * dim,
             head_dim=dim // 2,
+            dtype=args.dtype,
         )
         lm = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
         if args.frozen:
             backbone.token_embedding.trainable = False
         x = {"token_ids": ids, "padding_mask": np.ones_like(ids, bool)}
         model = lm if args.method == "naive" else fused_trainer(lm)
-        model.compile(
-            optimizer=optimizer, **({"weighted_metrics": []} if args.method == "naive" else {})
-        )
+        kwargs = {"weighted_metrics": []} if args.method == "naive" else {}
+        if args.method == "fused_float32":  # the trainer with float32 matmuls
+            kwargs = {"loss": LinearCE()}
+        model.compile(optimizer=optimizer, **kwargs)
     else:
         inputs = keras.Input((SEQ,), dtype="int32")
         backbone = keras.Model(inputs, keras.layers.Embedding(1000, dim)(inputs))
@@ -143,6 +146,7 @@ def _run(args: argparse.Namespace, case: str, method: str, tokens: int) -> dict:
     cmd = [sys.executable, __file__, "--child", "--case", case, "--method", method]
     cmd += ["--tokens", str(tokens), "--repeats", str(args.repeats), "--model", args.model]
     cmd += ["--frozen"] if args.frozen else []
+    cmd += ["--dtype", args.dtype]
     cmd += ["--memory-limit", str(args.memory_limit)] if args.memory_limit else []
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
@@ -170,6 +174,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--frozen", action="store_true", help="freeze the head (LoRA-like)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "mixed_bfloat16"],
+        help="the Gemma model's dtype policy; with mixed_bfloat16 the fused trainer runs "
+        "twice: its default (matmul_precision='input') and fused_float32",
+    )
     p.add_argument("--memory-limit", type=float, default=0.0, help="GiB above the model")
     p.add_argument("--max-tokens", type=int, default=65536)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -196,7 +207,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{'peak GiB':>9} {'%':>6} {'rss GiB':>8} {'%':>6}"
     )
     for case in args.cases.split(","):
-        results = {m: _run(args, case, m, args.tokens) for m in ("naive", "fused")}
+        methods = ("naive", "fused") + (("fused_float32",) if args.dtype != "float32" else ())
+        results = {m: _run(args, case, m, args.tokens) for m in methods}
         ref = results["naive"]
         for m, r in results.items():
             print(

@@ -332,6 +332,16 @@ def test_matmul_precision_input_runs_half_matmuls(rng, dtype):
     frozen = lambda a: fused_linear_ce_parts(a, kk, y, w, kernel_grad=False, **kw)[0]  # noqa: E731
     _, (gh,) = value_and_grads(frozen, hh)
     assert rel_err(_to64(gh), dh) <= tol
+    # Mixed precision: a float32 kernel (the variable) is cast block by block, as the
+    # head casts it, and its gradient comes back in float32 (no half-precision copy).
+    k_rounded = _to64(kk).astype("float32")  # exactly representable: the rounded kernel
+    out = linear_ce(hh, k_rounded, y, **kw)
+    assert rel_err(out, as_naive) <= RTOL or BACKEND == "jax"
+    _, (gh, gk) = value_and_grads(
+        lambda a, c: fused_linear_ce_sum(a, c, y, w, **kw)[0], hh, k_rounded
+    )
+    assert keras.backend.standardize_dtype(gk.dtype) == "float32"
+    assert rel_err(_to64(gh), dh) <= tol and rel_err(_to64(gk), dk) <= tol
     with pytest.raises(ValueError, match="`matmul_precision` must be"):
         linear_ce(hh, kk, y, matmul_precision="half")
 

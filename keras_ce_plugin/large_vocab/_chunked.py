@@ -76,11 +76,13 @@ def _check_precision(value: Any) -> str:
 
 def _mm_dtype(hidden: Any, kernel: Any, precision: Any) -> str:
     """The matmuls' operand dtype: float32, or with ``matmul_precision="input"`` the
-    inputs' half dtype (the products then come out in it, as the naive head's do)."""
+    half dtype of ``hidden`` (the products then come out in it, as the naive head's
+    do) if the kernel has it too or is float32 (mixed precision's variable: each block
+    is cast, as the head casts it, and the kernel gradient stays float32)."""
     precision = _check_precision(precision)
     dtype = keras.backend.standardize_dtype(hidden.dtype)
-    same = dtype == keras.backend.standardize_dtype(kernel.dtype)
-    return dtype if precision == "input" and same and dtype in _HALF else "float32"
+    ok = keras.backend.standardize_dtype(kernel.dtype) in (dtype, "float32")
+    return dtype if precision == "input" and ok and dtype in _HALF else "float32"
 
 
 def _to(x: Any, dtype: str) -> Any:

@@ -50,8 +50,8 @@ class HubTrainer(LinearCEModel):
         cap = self.final_logit_cap
         return logits if cap is None else cap * keras.ops.tanh(logits / cap)
 
-    def head_weights(self) -> dict[str, Any]:
-        weights = super().head_weights()
+    def head_weights(self, cast: bool = True) -> dict[str, Any]:
+        weights = super().head_weights(cast)
         if self.final_logit_cap is not None:  # the head has none (else: fallback)
             weights["logit_soft_cap"] = self.final_logit_cap
         return weights

@@ -126,17 +126,26 @@ class LinearCEModel(keras.Model):
             loss = keras.losses.get(loss)
         return loss if isinstance(loss, LinearCE) else None
 
-    def head_weights(self) -> dict[str, Any]:
+    def head_dtype(self) -> str:
+        """The dtype of the head's matmul (``reverse_dtype``, else its compute dtype)."""
+        head = self.head
+        if isinstance(head, keras.layers.ReversibleEmbedding) and head.reverse_dtype:
+            return keras.backend.standardize_dtype(head.reverse_dtype)
+        return keras.backend.standardize_dtype(head.compute_dtype)
+
+    def head_weights(self, cast: bool = True) -> dict[str, Any]:
         """The kernel, bias, layout and soft cap of ``head``, as its logits use them.
 
         The kernel is cast to the dtype of the head's matmul (its ``reverse_dtype``,
         else its compute dtype: bfloat16 under ``mixed_bfloat16``), as the head casts
-        it; ``kernel_grad`` is False for a frozen head (e.g. LoRA elsewhere).
+        it (``cast=False``: as stored, for ``matmul_precision="input"``, which casts
+        each block itself); ``kernel_grad`` is False for a frozen head (e.g. LoRA
+        elsewhere).
         """
         head = self.head
+        dtype = self.head_dtype()
         if isinstance(head, keras.layers.ReversibleEmbedding):
             tied = head.tie_weights
-            dtype = head.reverse_dtype or head.compute_dtype
             kernel = head.embeddings if tied else head.reverse_embeddings
             if tied and getattr(self, "_tied_kernel", None) is not None:
                 kernel = self._tied_kernel  # read through _tied_tf's watched tensor
@@ -147,14 +156,13 @@ class LinearCEModel(keras.Model):
                 "logit_soft_cap": head.logit_soft_cap,
             }
         else:
-            dtype = head.compute_dtype
             weights = {
                 "kernel": head.kernel,
                 "bias": head.bias if head.use_bias else None,
                 "transpose_kernel": False,
                 "logit_soft_cap": None,
             }
-        if keras.backend.standardize_dtype(weights["kernel"].dtype) != dtype:
+        if cast and keras.backend.standardize_dtype(weights["kernel"].dtype) != dtype:
             weights["kernel"] = ops.cast(weights["kernel"], dtype)
         weights["kernel_grad"] = bool(head.trainable)
         return weights
@@ -184,11 +192,12 @@ class LinearCEModel(keras.Model):
             if y is not None and y_pred is not None:
                 self.token_accuracy.update_state(y, y_pred, sample_weight)
             return super().compute_loss(x, y, y_pred, sample_weight, training=training)
-        head = self.head_weights()
+        # matmul_precision="input" casts the kernel block by block: no d x V copy.
+        head = self.head_weights(cast=loss_fn.matmul_precision != "input")
         head_cap = head.pop("logit_soft_cap")
         cap = loss_fn.effective_cap(head_cap)
         if self._returned_hidden:
-            dtype = keras.backend.standardize_dtype(head["kernel"].dtype)
+            dtype = self.head_dtype()
             if keras.backend.standardize_dtype(y_pred.dtype) != dtype:  # as the head casts
                 y_pred = ops.cast(y_pred, dtype)
             loss, correct, weights, per_token, *lse = loss_fn.fused_parts(
@@ -264,12 +273,13 @@ class LinearCEModel(keras.Model):
             ) == (loss_fn.ignore_class, loss_fn.label_smoothing, loss_fn.z_loss, cap)
             # The loss skipped the tokens of weight 0, which an unweighted metric counts.
             if not same or not (weighted or sample_weight is None):
+                weights = {**head, "kernel": self.head_weights()["kernel"]}  # cast as the head
                 values = fn.fused_parts(
                     ops.stop_gradient(hidden),
                     labels=y,
                     logit_soft_cap=head_cap,
                     compute_grads=False,
-                    **head,
+                    **weights,
                 )[3]
             values = fn.reduce_tokens(values, y, None, _mask_of(hidden))
             keras.metrics.Mean.update_state(
