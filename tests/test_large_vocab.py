@@ -269,6 +269,20 @@ def _finfo(dtype):
     return np.finfo(dtype)
 
 
+def _check_half_grads(hh, kk, y, w, kw, expected, tol):
+    """Gradients w.r.t. half-precision ``hh``, ``kk`` from each strategy: in their dtype
+    and within ``tol`` (relative to the largest element) of ``expected``."""
+    dtype = keras.backend.standardize_dtype(hh.dtype)
+    for fn in (
+        lambda a, c: ops.sum(ops.multiply(linear_ce(a, c, y, **kw), w)),
+        lambda a, c: fused_linear_ce_sum(a, c, y, w, **kw)[0],
+        lambda a, c: fused_linear_ce_sum(a, c, y, w, strategy="in_forward", **kw)[0],
+    ):
+        _, grads = value_and_grads(fn, hh, kk)
+        assert [keras.backend.standardize_dtype(g.dtype) for g in grads] == [dtype] * 2
+        assert all(rel_err(_to64(g), e) <= tol for g, e in zip(grads, expected))
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_gradient_values_match_reference(rng, dtype):
     """Gradients of half-precision inputs vs the float64 reference on the same rounded
@@ -283,14 +297,7 @@ def test_half_precision_gradient_values_match_reference(rng, dtype):
     hh, kk = ops.cast(h, dtype), ops.cast(k, dtype)
     _, dh, dk, _ = reference(_to64(hh), _to64(kk), y, b, cap=3.0, w=w)
     kw = {"bias": b, "logit_soft_cap": 3.0, "token_chunk_size": 5, "vocab_chunk_size": 12}
-    for fn in (
-        lambda a, c: ops.sum(ops.multiply(linear_ce(a, c, y, **kw), w)),
-        lambda a, c: fused_linear_ce_sum(a, c, y, w, **kw)[0],
-        lambda a, c: fused_linear_ce_sum(a, c, y, w, strategy="in_forward", **kw)[0],
-    ):
-        _, (gh, gk) = value_and_grads(fn, hh, kk)
-        assert [keras.backend.standardize_dtype(g.dtype) for g in (gh, gk)] == [dtype] * 2
-        assert rel_err(_to64(gh), dh) <= tol and rel_err(_to64(gk), dk) <= tol
+    _check_half_grads(hh, kk, y, w, kw, (dh, dk), tol)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -321,14 +328,7 @@ def test_matmul_precision_input_runs_half_matmuls(rng, dtype):
     else:
         assert rel_err(out, as_naive) <= RTOL
         assert rel_err(out, loss) > RTOL  # float32 matmuls: ~1e-7
-    for fn in (
-        lambda a, c: ops.sum(ops.multiply(linear_ce(a, c, y, **kw), w)),
-        lambda a, c: fused_linear_ce_sum(a, c, y, w, **kw)[0],
-        lambda a, c: fused_linear_ce_sum(a, c, y, w, strategy="in_forward", **kw)[0],
-    ):
-        _, (gh, gk) = value_and_grads(fn, hh, kk)
-        assert [keras.backend.standardize_dtype(g.dtype) for g in (gh, gk)] == [dtype] * 2
-        assert rel_err(_to64(gh), dh) <= tol and rel_err(_to64(gk), dk) <= tol
+    _check_half_grads(hh, kk, y, w, kw, (dh, dk), tol)
     frozen = lambda a: fused_linear_ce_parts(a, kk, y, w, kernel_grad=False, **kw)[0]  # noqa: E731
     _, (gh,) = value_and_grads(frozen, hh)
     assert rel_err(_to64(gh), dh) <= tol
