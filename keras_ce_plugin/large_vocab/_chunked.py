@@ -89,16 +89,24 @@ def _to(x: Any, dtype: str) -> Any:
     return x if keras.backend.standardize_dtype(x.dtype) == dtype else ops.cast(x, dtype)
 
 
-def _check_cap(value: Any) -> float | None:
+def _check_positive(name: str, value: Any, what: str) -> float | None:
+    """``value`` as a float if it is a positive finite number, None if None."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(
-            f"`logit_soft_cap` must be a positive float or None. Received: logit_soft_cap={value!r}"
-        )
+        raise ValueError(f"`{name}` must be {what} or None. Received: {name}={value!r}")
     if not math.isfinite(value):
-        raise ValueError(f"`logit_soft_cap` must be finite. Received: logit_soft_cap={value!r}")
+        raise ValueError(f"`{name}` must be finite. Received: {name}={value!r}")
     return float(value)
+
+
+def _check_cap(value: Any) -> float | None:
+    return _check_positive("logit_soft_cap", value, "a positive float")
+
+
+def _check_budget(value: Any) -> float | None:
+    """``chunk_budget_mib`` validated (None: the default budget)."""
+    return _check_positive("chunk_budget_mib", value, "a positive number of MiB")
 
 
 def _spec(hidden, kernel, bias, transpose, cap, smoothing, tn, tv, fused, budget=None) -> _Spec:

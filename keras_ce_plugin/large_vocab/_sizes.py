@@ -11,7 +11,6 @@ that every chunk but the last has one shape (one compiled elementwise kernel).
 from __future__ import annotations
 
 import math
-from typing import Any
 
 DEFAULT_TOKEN_CHUNK = 4096
 DEFAULT_CHUNK_BUDGET_MIB = 64.0
@@ -21,20 +20,6 @@ PREFERRED_VOCAB_CHUNK = 1024  # the CPU sweep's width: tokens shrink before colu
 MAX_VOCAB_CHUNK = 16384
 
 __all__ = ["DEFAULT_CHUNK_BUDGET_MIB", "chunk_sizes"]
-
-
-def check_budget(value: Any) -> float | None:
-    """``chunk_budget_mib`` validated (None: the default)."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(
-            "`chunk_budget_mib` must be a positive number of MiB or None. "
-            f"Received: chunk_budget_mib={value!r}"
-        )
-    if not math.isfinite(value):
-        raise ValueError(f"`chunk_budget_mib` must be finite. Received: chunk_budget_mib={value!r}")
-    return float(value)
 
 
 def _pow2_floor(x: float) -> int:

@@ -7,8 +7,12 @@ from typing import Any
 import keras
 from keras import ops
 
-from keras_ce_plugin.large_vocab._chunked import _check_cap, _check_chunk, _check_precision
-from keras_ce_plugin.large_vocab._sizes import check_budget
+from keras_ce_plugin.large_vocab._chunked import (
+    _check_budget,
+    _check_cap,
+    _check_chunk,
+    _check_precision,
+)
 from keras_ce_plugin.large_vocab.ops import _check_z_loss, fused_linear_ce_parts
 from keras_ce_plugin.losses import (
     _check_ignore_class,
@@ -31,6 +35,12 @@ class _MaskOf(keras.layers.Layer):
 
     def call(self, x: Any, mask: Any = None) -> Any:
         return {"mask": mask}
+
+
+def _capped(y_pred: Any, cap: float | None) -> Any:
+    """Logits ``y_pred`` in float32, soft-capped by ``cap`` (``cap * tanh(x / cap)``)."""
+    logits = ops.cast(y_pred, "float32")
+    return logits if cap is None else cap * ops.tanh(logits / cap)
 
 
 _MASK_READER: list[Any] = []
@@ -91,7 +101,7 @@ class LinearCE(_CrossEntropyLoss):
         self.token_chunk_size = _check_chunk("token_chunk_size", token_chunk_size)
         self.vocab_chunk_size = _check_chunk("vocab_chunk_size", vocab_chunk_size)
         self.z_loss = _check_z_loss(z_loss)
-        self.chunk_budget_mib = check_budget(chunk_budget_mib)
+        self.chunk_budget_mib = _check_budget(chunk_budget_mib)
         self.matmul_precision = _check_precision(matmul_precision)
 
     # -- on logits (evaluate, predict-time checks) ------------------------------
@@ -115,9 +125,7 @@ class LinearCE(_CrossEntropyLoss):
 
     def per_token(self, y_true, y_pred, cap: float | None) -> Any:
         """Unweighted per-token losses of logits ``y_pred``, soft-capped by ``cap``."""
-        logits = ops.cast(y_pred, "float32")
-        if cap is not None:
-            logits = cap * ops.tanh(logits / cap)
+        logits = _capped(y_pred, cap)
         labels = ops.cast(ops.reshape(y_true, ops.shape(logits)[:-1]), "int32")
         vocab = logits.shape[-1]
         safe = ops.where(ops.logical_and(labels >= 0, labels < vocab), labels, 0)
@@ -263,10 +271,7 @@ class LinearCE(_CrossEntropyLoss):
 
     def logits_lse(self, y_pred: Any, cap: float | None) -> Any:
         """Per-token log-sum-exp of logits ``y_pred``, soft-capped by ``cap``."""
-        logits = ops.cast(y_pred, "float32")
-        if cap is not None:
-            logits = cap * ops.tanh(logits / cap)
-        return ops.logsumexp(logits, axis=-1)
+        return ops.logsumexp(_capped(y_pred, cap), axis=-1)
 
     def effective_cap(self, head_cap: float | None) -> float | None:
         """The one soft cap of head and loss (applied once; an error if they differ)."""

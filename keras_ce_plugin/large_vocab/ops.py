@@ -28,6 +28,7 @@ from keras import ops
 from keras_ce_plugin.large_vocab import _online, _sharded
 from keras_ce_plugin.large_vocab._chunked import (
     _backend,
+    _check_budget,
     _check_chunk,
     _forward,
     _grads,
@@ -40,7 +41,6 @@ from keras_ce_plugin.large_vocab._chunked import (
     _unsort,
     _upstream,
 )
-from keras_ce_plugin.large_vocab._sizes import check_budget
 
 __all__ = ["fused_linear_ce_parts", "fused_linear_ce_sum", "linear_ce"]
 
@@ -76,7 +76,7 @@ def _prepare(
         _check_chunk("token_chunk_size", token_chunk_size),
         _check_chunk("vocab_chunk_size", vocab_chunk_size),
         fused=fused,
-        budget=check_budget(chunk_budget_mib),
+        budget=_check_budget(chunk_budget_mib),
     )
     spec = spec._replace(
         zloss=_check_z_loss(z_loss), mm_dtype=_mm_dtype(hidden, kernel, matmul_precision)
