@@ -1,6 +1,6 @@
 """The chunked machinery behind :mod:`keras_ce_plugin.large_vocab.ops`.
 
-Validation, the per-chunk elementwise kernels (online log-sum-exp, logits gradient),
+Shape checks, the per-chunk elementwise kernels (online log-sum-exp, logits gradient),
 the token loop of the forward pass and of the gradient pass, and the row sorting
 that skips ignored tokens. Backend specifics (in-place buffers, matmuls with
 transposed operands, XLA fusion) come from ``_tensorflow``/``_jax``/``_torch``, imported on
@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import keras
 from keras import ops
 
+from keras_ce_plugin.large_vocab._checks import _check_cap, _check_precision
 from keras_ce_plugin.large_vocab._sizes import chunk_sizes
 from keras_ce_plugin.losses import _check_ignore_class, _check_label_smoothing
 
@@ -58,22 +59,6 @@ def _backend() -> Any:
     return impl
 
 
-def _check_chunk(name: str, value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer or None. Received: {name}={value!r}")
-    return int(value)
-
-
-def _check_precision(value: Any) -> str:
-    if value not in ("float32", "input"):
-        raise ValueError(
-            f"`matmul_precision` must be 'float32' or 'input'. Received: matmul_precision={value!r}"
-        )
-    return str(value)
-
-
 def _mm_dtype(hidden: Any, kernel: Any, precision: Any) -> str:
     """The matmuls' operand dtype: float32, or with ``matmul_precision="input"`` the
     half dtype of ``hidden`` (the products then come out in it, as the naive head's
@@ -87,26 +72,6 @@ def _mm_dtype(hidden: Any, kernel: Any, precision: Any) -> str:
 
 def _to(x: Any, dtype: str) -> Any:
     return x if keras.backend.standardize_dtype(x.dtype) == dtype else ops.cast(x, dtype)
-
-
-def _check_positive(name: str, value: Any, what: str) -> float | None:
-    """``value`` as a float if it is a positive finite number, None if None."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"`{name}` must be {what} or None. Received: {name}={value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"`{name}` must be finite. Received: {name}={value!r}")
-    return float(value)
-
-
-def _check_cap(value: Any) -> float | None:
-    return _check_positive("logit_soft_cap", value, "a positive float")
-
-
-def _check_budget(value: Any) -> float | None:
-    """``chunk_budget_mib`` validated (None: the default budget)."""
-    return _check_positive("chunk_budget_mib", value, "a positive number of MiB")
 
 
 def _spec(hidden, kernel, bias, transpose, cap, smoothing, tn, tv, fused, budget=None) -> _Spec:

@@ -7,13 +7,14 @@ from typing import Any
 import keras
 from keras import ops
 
-from keras_ce_plugin.large_vocab._chunked import (
+from keras_ce_plugin.large_vocab._checks import (
     _check_budget,
     _check_cap,
     _check_chunk,
     _check_precision,
+    _check_z_loss,
 )
-from keras_ce_plugin.large_vocab.ops import _check_z_loss, fused_linear_ce_parts
+from keras_ce_plugin.large_vocab.ops import fused_linear_ce_parts
 from keras_ce_plugin.losses import (
     _check_ignore_class,
     _check_label_smoothing,

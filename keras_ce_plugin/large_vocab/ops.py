@@ -26,10 +26,9 @@ from typing import Any
 from keras import ops
 
 from keras_ce_plugin.large_vocab import _online, _sharded
+from keras_ce_plugin.large_vocab._checks import _check_budget, _check_chunk, _check_z_loss
 from keras_ce_plugin.large_vocab._chunked import (
     _backend,
-    _check_budget,
-    _check_chunk,
     _forward,
     _grads,
     _inputs,
@@ -82,12 +81,6 @@ def _prepare(
         zloss=_check_z_loss(z_loss), mm_dtype=_mm_dtype(hidden, kernel, matmul_precision)
     )
     return hidden, kernel, bias, ignore_class, spec
-
-
-def _check_z_loss(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise ValueError(f"`z_loss` must be a float in [0, 1). Received: z_loss={value!r}")
-    return float(value)
 
 
 def linear_ce(

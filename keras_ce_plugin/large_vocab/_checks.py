@@ -1,0 +1,50 @@
+"""Validation of the large-vocabulary settings, shared by the functions in
+:mod:`keras_ce_plugin.large_vocab.ops` and by ``LinearCE.__init__``: one check per
+argument, each raising a one-line, Keras-style message."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def _check_chunk(name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer or None. Received: {name}={value!r}")
+    return int(value)
+
+
+def _check_precision(value: Any) -> str:
+    if value not in ("float32", "input"):
+        raise ValueError(
+            f"`matmul_precision` must be 'float32' or 'input'. Received: matmul_precision={value!r}"
+        )
+    return str(value)
+
+
+def _check_positive(name: str, value: Any, what: str) -> float | None:
+    """``value`` as a float if it is a positive finite number, None if None."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"`{name}` must be {what} or None. Received: {name}={value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be finite. Received: {name}={value!r}")
+    return float(value)
+
+
+def _check_cap(value: Any) -> float | None:
+    return _check_positive("logit_soft_cap", value, "a positive float")
+
+
+def _check_budget(value: Any) -> float | None:
+    """``chunk_budget_mib`` validated (None: the default budget)."""
+    return _check_positive("chunk_budget_mib", value, "a positive number of MiB")
+
+
+def _check_z_loss(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"`z_loss` must be a float in [0, 1). Received: z_loss={value!r}")
+    return float(value)
