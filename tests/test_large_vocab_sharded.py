@@ -312,6 +312,7 @@ def test_gemma_fused_trainer_data_and_model_parallel():
             np.testing.assert_allclose(g, e, rtol=0, atol=TOL * np.max(np.abs(e)), err_msg=name)
 
 
+@pytest.mark.slow
 def test_eight_devices_subprocess(monkeypatch):
     """The tests above, in one fresh JAX process with 8 CPU devices."""
     require_backend("jax")

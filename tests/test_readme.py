@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -26,6 +27,7 @@ def test_readme_starts_with_exactly_two_commands():
     assert " && .venv/bin/keras-ce train " in setup
     assert "../shared/data/cifar10-sample/cifar-10-batches-py" in setup
     assert test.startswith(".venv/bin/python -m pytest")
+    assert test.endswith(' -m "not slow"'), test  # .ci/run runs the slow tier after it
 
 
 def test_ci_reads_its_commands_from_the_readme():
@@ -33,6 +35,7 @@ def test_ci_reads_its_commands_from_the_readme():
     assert (
         "README.md" in script and 'eval "$install_cmd"' in script and 'eval "$test_cmd"' in script
     )
+    assert 'eval "$slow_cmd"' in script  # the tier that README command 2 leaves out
     assert "ruff check" in script and "ruff format --check" in script
     out = subprocess.run(
         ["bash", "-c", "source <(sed -n '/^readme_cmd()/,/^}/p' .ci/run); readme_cmd 2"],
@@ -42,6 +45,14 @@ def test_ci_reads_its_commands_from_the_readme():
         check=True,
     ).stdout.strip()
     assert out == _first_block()[1]
+    line = next(ln for ln in script.splitlines() if ln.startswith("slow_cmd="))
+    slow = subprocess.run(
+        ["bash", "-c", f'test_cmd={shlex.quote(out)}; {line}; echo "$slow_cmd"'],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert slow == out.replace('-m "not slow"', "-m slow") and slow != out, slow
 
 
 def test_console_script_and_extras_declared():
