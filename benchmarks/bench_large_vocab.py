@@ -16,6 +16,8 @@ gradients w.r.t. hidden, kernel and bias:
   with ``matmul_precision="input"`` (the matmuls in the half dtype, as the naive
   head's);
 * ``per_token`` (optional): ``mean(linear_ce(...))``, the public per-token function;
+* ``recompute_filter`` (optional): ``recompute`` with ``filter_eps="auto"`` (Cut
+  Cross-Entropy's gradient filtering), best with ``--peaked``;
 * ``naive_frozen`` and ``frozen`` (optional): a frozen head (LoRA, a frozen
   embedding), the gradient w.r.t. ``hidden`` only: the naive loss, and
   ``fused_linear_ce_parts(..., kernel_grad=False)`` (its online pass); ``frozen`` is
@@ -43,6 +45,8 @@ once through ``MALLOC_MMAP_THRESHOLD_``).
         --methods naive,recompute_fixed,recompute
     python benchmarks/bench_large_vocab.py --cases 512x131072 --dtype bfloat16 \
         --methods naive,recompute,recompute_input
+    python benchmarks/bench_large_vocab.py --cases 512x131072 --peaked 2 \
+        --methods naive,recompute,recompute_filter
     python benchmarks/bench_large_vocab.py --backend jax --quick
     python benchmarks/bench_large_vocab.py --backend torch --quick
 
@@ -119,6 +123,11 @@ def _child(args: argparse.Namespace) -> None:
     dense.build((None, d))
     h = keras.ops.convert_to_tensor(rng.normal(size=(n, d)).astype("float32"))
     y = keras.ops.convert_to_tensor(rng.integers(0, v, n).astype("int32"))
+    if args.peaked:  # a peaked, calibrated model: logits ~ -slope * log(1 + id)
+        prior = -args.peaked * np.log1p(np.arange(v))
+        dense.bias.assign(prior.astype("float32"))
+        p = np.exp(prior - prior.max())
+        y = keras.ops.convert_to_tensor(rng.choice(v, n, p=p / p.sum()).astype("int32"))
     builtin = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     weights = keras.ops.full((n,), 1.0 / n)
     chunks = {"token_chunk_size": args.token_chunk, "vocab_chunk_size": args.vocab_chunk}
@@ -140,6 +149,8 @@ def _child(args: argparse.Namespace) -> None:
         if args.method == "recompute_fixed":
             fixed = {"token_chunk_size": 4096, "vocab_chunk_size": 1024}
             return fused_linear_ce_sum(hh, kk, y, weights, bias=bb, **fixed)[0]
+        if args.method == "recompute_filter":
+            return fused_linear_ce_sum(hh, kk, y, weights, bias=bb, filter_eps="auto", **chunks)[0]
         if args.method == "per_token":
             return keras.ops.mean(linear_ce(hh, kk, y, bias=bb, **chunks))
         return fused_linear_ce_sum(hh, kk, y, weights, bias=bb, strategy=args.method, **chunks)[0]
@@ -244,7 +255,12 @@ def _run_case(args: argparse.Namespace, case: str, method: str) -> dict:
         "--dtype",
         args.dtype,
     ]
-    for flag, value in (("--token-chunk", args.token_chunk), ("--vocab-chunk", args.vocab_chunk)):
+    flags = (
+        ("--token-chunk", args.token_chunk),
+        ("--vocab-chunk", args.vocab_chunk),
+        ("--peaked", args.peaked),
+    )
+    for flag, value in flags:
         if value:
             cmd += [flag, str(value)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -269,6 +285,13 @@ def main(argv: list[str] | None = None) -> None:
         choices=["float32", "bfloat16", "float16"],
         help="compute dtype of hidden and kernel (the weights stay float32)",
     )
+    p.add_argument(
+        "--peaked",
+        type=float,
+        default=None,
+        metavar="SLOPE",
+        help="bias -SLOPE*log(1+id) and labels drawn from it (a peaked softmax)",
+    )
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--case", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
@@ -280,6 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     methods = args.methods.split(",")
     print(
         f"backend={args.backend} N={args.tokens} dtype={args.dtype} repeats={args.repeats} "
+        f"peaked={args.peaked} "
         f"load={os.getloadavg()}"
     )
     print(

@@ -48,3 +48,28 @@ def _check_z_loss(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
         raise ValueError(f"`z_loss` must be a float in [0, 1). Received: z_loss={value!r}")
     return float(value)
+
+
+# Unit roundoff of each matmul dtype; "auto" filters below a 32nd of it (as Cut
+# Cross-Entropy's filter_eps="auto").
+_EPS = {"float32": 2.0**-23, "bfloat16": 2.0**-7, "float16": 2.0**-10}
+
+
+def _check_filter(value: Any) -> float | str | None:
+    """``filter_eps`` validated: None (off), ``"auto"`` or a float in (0, 1)."""
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ValueError(
+            "`filter_eps` must be 'auto', a float in (0, 1) or None. "
+            f"Received: filter_eps={value!r}"
+        )
+    return float(value)
+
+
+def _filter_threshold(value: Any, mm_dtype: str) -> float:
+    """The threshold ``filter_eps`` stands for (0.0: no filtering)."""
+    value = _check_filter(value)
+    if value is None:
+        return 0.0
+    return _EPS[mm_dtype] / 32 if value == "auto" else float(value)

@@ -34,6 +34,7 @@ class _Spec(NamedTuple):
     tv: int
     zloss: float = 0.0  # PaLM's z-loss coefficient: loss += zloss * lse**2
     mm_dtype: str = "float32"  # logits and kernel-gradient matmuls (matmul_precision="input")
+    filter_eps: float = 0.0  # skip gradient blocks below it (filter_eps; 0: exact)
 
 
 def _backend() -> Any:
@@ -138,6 +139,7 @@ def _elementwise(
     bias: bool,
     zloss: float = 0.0,
     online: bool = False,
+    filtered: bool = False,
 ):
     """The per-chunk elementwise work, compiled into one fused kernel per backend.
 
@@ -146,7 +148,8 @@ def _elementwise(
     gradient, ``_online``) it also returns ``exp(s - new_max)`` times the soft cap's
     derivative (``tn x w``) and the rescale ``exp(m - new_max)``.
     ``dlogits(z, b, lab, c0, lse, u)`` gives d(u * loss)/d(pre-cap logits) and its column
-    sum. The capped logits are never written to memory.
+    sum (with ``filtered``, also its largest magnitude). The capped logits are never
+    written to memory.
     """
     impl = _backend()
 
@@ -186,6 +189,8 @@ def _elementwise(
         g = g * u[:, None]
         if cap is not None:
             g = g * (1.0 - ops.square(s / cap))
+        if filtered:
+            return g, ops.sum(g, axis=0), ops.max(ops.abs(g))
         return g, ops.sum(g, axis=0)
 
     return impl.fuse(fold), impl.fuse(dlogits)
@@ -193,8 +198,29 @@ def _elementwise(
 
 def _kernels(spec: _Spec, bias):
     return _elementwise(
-        keras.backend.backend(), spec.cap, spec.smoothing, spec.vocab, bias is not None, spec.zloss
+        keras.backend.backend(),
+        spec.cap,
+        spec.smoothing,
+        spec.vocab,
+        bias is not None,
+        spec.zloss,
+        filtered=spec.filter_eps > 0,
     )
+
+
+def _unless(impl, live, matmul, shape):
+    """``matmul()``; with gradient filtering (``live`` not None: Cut Cross-Entropy's
+    ``filter_eps``), zeros of ``shape`` and no matmul where ``live`` is false (a fresh
+    buffer: TensorFlow would fold constant zeros into the graph, one per block)."""
+    if live is None:
+        return matmul()
+    return ops.cond(live, matmul, lambda: impl.zeros(shape))
+
+
+def _kernel_block(impl, g, h, spec: _Spec):
+    """The kernel gradient of one logits-gradient block ``g``, float32."""
+    gm = _to(g, spec.mm_dtype)
+    return _to(impl.mm_tn(gm, h) if spec.transpose else impl.mm_tn(h, gm), "float32")
 
 
 def _bias_chunk(bias, c0: int, c1: int):
@@ -333,18 +359,22 @@ def _grads(impl, rows: _Rows, kernel, bias, spec: _Spec, lse_b, fused: bool, ker
             lse = lse_b[i]
         dh = None
         db = list(db)
+        limit = spec.filter_eps * ops.max(ops.abs(u)) if spec.filter_eps else None
         for k, (c0, c1) in enumerate(chunks):
             w = _block(impl.after(kernel, dk), c0, c1, spec)
             if fused:
                 z = kept[k]
             else:
                 z = _matmul(impl, impl.after(h, dk), w, spec)
-            g, g_sum = dlogits(z, _bias_chunk(bias, c0, c1), lab, _i32(c0), lse, u)
-            part = _back(impl, g, w, spec)
+            g, g_sum, *big = dlogits(z, _bias_chunk(bias, c0, c1), lab, _i32(c0), lse, u)
+            live = big[0] > limit if big else None  # filter_eps: skip a negligible block
+            part = _unless(
+                impl, live, functools.partial(_back, impl, g, w, spec), (spec.tn, spec.dim)
+            )
             dh = part if dh is None else dh + part
             if kernel_grad:
-                gm = _to(g, spec.mm_dtype)
-                blk = _to(impl.mm_tn(gm, h) if spec.transpose else impl.mm_tn(h, gm), "float32")
+                shape = (c1 - c0, spec.dim) if spec.transpose else (spec.dim, c1 - c0)
+                blk = _unless(impl, live, functools.partial(_kernel_block, impl, g, h, spec), shape)
                 dk = impl.add_kernel_grad(
                     dk, blk, c0, spec.dim, spec.vocab, spec.tv, spec.transpose
                 )

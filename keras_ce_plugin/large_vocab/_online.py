@@ -36,8 +36,9 @@ from keras_ce_plugin.large_vocab._chunked import (
 
 
 def supported(spec: _Spec) -> bool:
-    """Whether the online pass computes this loss (not: smoothing with a soft cap)."""
-    return not (spec.smoothing and spec.cap is not None)
+    """Whether the online pass computes this loss (not: smoothing with a soft cap, nor
+    gradient filtering, which only the recomputing pass does)."""
+    return not (spec.smoothing and spec.cap is not None) and not spec.filter_eps
 
 
 def _target_rows(kernel, lab, spec: _Spec):

@@ -11,6 +11,7 @@ from keras_ce_plugin.large_vocab._checks import (
     _check_budget,
     _check_cap,
     _check_chunk,
+    _check_filter,
     _check_precision,
     _check_z_loss,
 )
@@ -71,7 +72,9 @@ class LinearCE(_CrossEntropyLoss):
     not given are chosen so that one chunk's working memory stays within
     ``chunk_budget_mib`` (default 64 MiB; see :func:`chunk_sizes`).
     ``matmul_precision="input"`` runs the fused matmuls in a half-precision head's
-    dtype (e.g. ``mixed_bfloat16``), as the naive head does (see :func:`linear_ce`). ``reduction=None`` returns the
+    dtype (e.g. ``mixed_bfloat16``), as the naive head does (see :func:`linear_ce`).
+    ``filter_eps`` skips the gradient matmuls of negligible blocks in ``fit`` (Cut
+    Cross-Entropy's gradient filtering; see :func:`linear_ce`). ``reduction=None`` returns the
     per-token values times their weights (as Keras' losses do), which makes the
     class usable as a metric (``metrics=["customloss>LinearCE"]``); ``fit`` then
     follows the gradient of their sum, as Keras' ``fit`` does.
@@ -87,6 +90,7 @@ class LinearCE(_CrossEntropyLoss):
         z_loss: float = 0.0,
         chunk_budget_mib: float | None = None,
         matmul_precision: str = "float32",
+        filter_eps: float | str | None = None,
         reduction: str | None = "sum_over_batch_size",
         name: str = "linear_ce",
         dtype: Any = None,
@@ -104,6 +108,7 @@ class LinearCE(_CrossEntropyLoss):
         self.z_loss = _check_z_loss(z_loss)
         self.chunk_budget_mib = _check_budget(chunk_budget_mib)
         self.matmul_precision = _check_precision(matmul_precision)
+        self.filter_eps = _check_filter(filter_eps)
 
     # -- on logits (evaluate, predict-time checks) ------------------------------
     def __call__(self, y_true, y_pred, sample_weight=None):
@@ -262,6 +267,7 @@ class LinearCE(_CrossEntropyLoss):
             kernel_grad=kernel_grad,
             z_loss=self.z_loss,
             return_lse=return_lse,
+            filter_eps=self.filter_eps,
         )
         parts = (ops.cast(loss, self.dtype), correct, weights, ops.reshape(per_token, shape))
         return parts + tuple(ops.reshape(x, shape) for x in lse)
@@ -296,4 +302,5 @@ class LinearCE(_CrossEntropyLoss):
             "z_loss": self.z_loss,
             "chunk_budget_mib": self.chunk_budget_mib,
             "matmul_precision": self.matmul_precision,
+            "filter_eps": self.filter_eps,
         }

@@ -26,7 +26,12 @@ from typing import Any
 from keras import ops
 
 from keras_ce_plugin.large_vocab import _online, _sharded
-from keras_ce_plugin.large_vocab._checks import _check_budget, _check_chunk, _check_z_loss
+from keras_ce_plugin.large_vocab._checks import (
+    _check_budget,
+    _check_chunk,
+    _check_z_loss,
+    _filter_threshold,
+)
 from keras_ce_plugin.large_vocab._chunked import (
     _backend,
     _forward,
@@ -60,6 +65,7 @@ def _prepare(
     z_loss: float = 0.0,
     chunk_budget_mib: float | None = None,
     matmul_precision: str = "float32",
+    filter_eps: float | str | None = None,
 ) -> tuple[Any, Any, Any, Any, Any]:
     """Validated inputs and the chunking spec shared by both entry points."""
     hidden, kernel, bias, ignore_class, smoothing = _inputs(
@@ -77,8 +83,11 @@ def _prepare(
         fused=fused,
         budget=_check_budget(chunk_budget_mib),
     )
+    mm_dtype = _mm_dtype(hidden, kernel, matmul_precision)
     spec = spec._replace(
-        zloss=_check_z_loss(z_loss), mm_dtype=_mm_dtype(hidden, kernel, matmul_precision)
+        zloss=_check_z_loss(z_loss),
+        mm_dtype=mm_dtype,
+        filter_eps=_filter_threshold(filter_eps, mm_dtype),
     )
     return hidden, kernel, bias, ignore_class, spec
 
@@ -99,6 +108,7 @@ def linear_ce(
     matmul_precision: str = "float32",
     z_loss: float = 0.0,
     return_lse: bool = False,
+    filter_eps: float | str | None = None,
 ) -> Any:
     """Per-token sparse cross-entropy of ``hidden @ kernel (+ bias)``, chunked.
 
@@ -131,6 +141,16 @@ def linear_ce(
         z_loss: PaLM's z-loss coefficient (e.g. ``1e-4``): each token adds
             ``z_loss * lse**2``, ``lse`` the log-sum-exp of its (capped) logits.
         return_lse: Also return the per-token log-sum-exp (no gradient).
+        filter_eps: Cut Cross-Entropy's gradient filtering: ``None`` (exact, the
+            default), ``"auto"`` (a 32nd of the matmul dtype's unit roundoff:
+            ``2**-28`` in float32, ``2**-12`` in bfloat16) or a float. In the
+            gradient pass, a block of (token chunk x vocabulary chunk) whose logits
+            gradient stays within ``filter_eps`` times the chunk's largest token
+            weight adds nothing: its two gradient matmuls are skipped. The loss
+            itself is exact. Blocks are skipped only where no token of the chunk
+            puts that much probability on any of the block's words (a peaked,
+            trained model; never with label smoothing, whose gradient is at least
+            ``label_smoothing / V`` everywhere).
 
     Returns:
         float32 per-token losses of shape ``labels``'s (0 where ignored; NaN for labels
@@ -152,6 +172,7 @@ def linear_ce(
         z_loss=z_loss,
         chunk_budget_mib=chunk_budget_mib,
         matmul_precision=matmul_precision,
+        filter_eps=filter_eps,
     )
     plan = _sharded.plan(hidden, given_kernel, spec)
     impl = _backend()
@@ -199,13 +220,13 @@ def linear_ce(
 
 def _sharded_unsupported(spec: Any, return_lse: bool) -> None:
     """The sharded path computes neither the z-loss nor the log-sum-exp it returns,
-    and its matmuls are float32."""
-    if spec.zloss or return_lse or spec.mm_dtype != "float32":
+    its matmuls are float32 and it filters no gradient blocks."""
+    if spec.zloss or return_lse or spec.mm_dtype != "float32" or spec.filter_eps:
         raise ValueError(
-            "`z_loss`, `return_lse` and `matmul_precision='input'` are not available on a "
-            "sharded vocabulary (keras.distribution or a JAX mesh) yet: run without them "
-            f"there. Received: z_loss={spec.zloss}, return_lse={return_lse}, "
-            f"matmul dtype={spec.mm_dtype}"
+            "`z_loss`, `return_lse`, `matmul_precision='input'` and `filter_eps` are not "
+            "available on a sharded vocabulary (keras.distribution or a JAX mesh) yet: run "
+            f"without them there. Received: z_loss={spec.zloss}, return_lse={return_lse}, "
+            f"matmul dtype={spec.mm_dtype}, filter_eps={spec.filter_eps or None}"
         )
 
 
@@ -226,6 +247,7 @@ def fused_linear_ce_sum(
     matmul_precision: str = "float32",
     compute_grads: bool = True,
     strategy: str = "recompute",
+    filter_eps: float | str | None = None,
 ) -> tuple[Any, Any]:
     """``sum(weights * linear_ce(...))`` and the per-token correctness (argmax == label).
 
@@ -252,6 +274,7 @@ def fused_linear_ce_sum(
         matmul_precision=matmul_precision,
         compute_grads=compute_grads,
         strategy=strategy,
+        filter_eps=filter_eps,
     )
     return total, correct
 
@@ -276,6 +299,7 @@ def fused_linear_ce_parts(
     kernel_grad: bool = True,
     z_loss: float = 0.0,
     return_lse: bool = False,
+    filter_eps: float | str | None = None,
 ) -> tuple[Any, ...]:
     """:func:`fused_linear_ce_sum`, plus the ``(N,)`` per-token losses (no gradient;
     0 on skipped rows), for metrics that reuse the training pass; with
@@ -285,7 +309,8 @@ def fused_linear_ce_parts(
     ``kernel_grad=False`` (a frozen head: LoRA, a frozen embedding) treats the kernel
     (and bias) as constants: no ``d x V`` gradient, and the hidden gradient is
     accumulated online in the forward pass (two matmuls per chunk, as the naive loss;
-    nothing recomputed), except with both label smoothing and a soft cap.
+    nothing recomputed), except with both label smoothing and a soft cap, or with
+    ``filter_eps`` (see :func:`linear_ce`), which the recomputing pass applies.
     """
     if strategy not in ("recompute", "in_forward"):
         raise ValueError(
@@ -306,10 +331,15 @@ def fused_linear_ce_parts(
         # A frozen head takes the online pass (_online), whatever the strategy.
         fused=compute_grads
         and strategy == "in_forward"
-        and (kernel_grad or bool(label_smoothing and logit_soft_cap is not None)),
+        and (
+            kernel_grad
+            or bool(label_smoothing and logit_soft_cap is not None)
+            or filter_eps is not None
+        ),
         z_loss=z_loss,
         chunk_budget_mib=chunk_budget_mib,
         matmul_precision=matmul_precision,
+        filter_eps=filter_eps,
     )
     plan = _sharded.plan(hidden, given_kernel, spec)
     impl = _backend()
