@@ -127,6 +127,18 @@ def require_backend(name: str) -> None:
         pytest.skip(message)
 
 
+def rerun_from_tensorflow(backend: str, *args: str, **kwargs) -> str:
+    """Runs ``pytest args`` again under ``backend`` in a fresh process (as
+    :func:`run_pytest`, which takes ``kwargs``), from the TensorFlow process only: where
+    this process already runs another backend, the re-run would nest, and it skips."""
+    require_backend(backend)
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("already running on a non-TensorFlow backend")
+    return run_pytest(*args, backend=backend, **kwargs)
+
+
 def summary_counts(summary: str) -> dict[str, int]:
     """``{"passed": 12, "skipped": 1, ...}`` from a pytest summary line."""
     return {word: int(n) for n, word in re.findall(r"(\d+) (\w+)", summary)}

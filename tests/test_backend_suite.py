@@ -12,10 +12,8 @@ skip with a reason.
 
 from __future__ import annotations
 
-import os
-
 import pytest
-from conftest import require_backend, run_pytest
+from conftest import rerun_from_tensorflow
 
 BACKEND_NEUTRAL = [
     "tests/test_losses.py",
@@ -35,16 +33,13 @@ EXPECTED = {"jax": (728, 21), "torch": (544, 205)}
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_backend_neutral_tests_pass_on(backend):
-    require_backend(backend)
-    if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
-        pytest.skip("already running on a non-TensorFlow backend")
     passed, skipped = EXPECTED[backend]
     print(
-        run_pytest(
+        rerun_from_tensorflow(
+            backend,
             "-p",
             "no:doctest",
             *BACKEND_NEUTRAL,
-            backend=backend,
             min_passed=passed,
             max_skipped=skipped,
         )

@@ -18,7 +18,7 @@ import sys
 import keras
 import numpy as np
 import pytest
-from conftest import require_backend, run_pytest
+from conftest import rerun_from_tensorflow
 from keras import ops
 
 import keras_ce_plugin
@@ -331,13 +331,10 @@ def test_every_check_has_a_broken_loss_it_catches_first():
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_broken_loss_table_on(backend):
     """The table above, again in a fresh pytest process on another backend."""
-    require_backend(backend)
-    if BACKEND != "tensorflow":
-        pytest.skip("already running on a non-TensorFlow backend")
     print(
-        run_pytest(
+        rerun_from_tensorflow(
+            backend,
             "tests/test_check_loss.py::test_each_check_catches_its_bug",
-            backend=backend,
             min_passed=len(BROKEN),
         )
     )

@@ -15,7 +15,7 @@ import warnings
 import keras
 import numpy as np
 import pytest
-from conftest import REPO, require_backend, run_pytest, run_python
+from conftest import REPO, rerun_from_tensorflow, run_python
 
 
 def _require_hub() -> None:
@@ -293,15 +293,12 @@ def test_linear_ce_compiled_explicitly():
 def test_hub_on_jax():
     """This file again under JAX, in a fresh process: the three head kinds (tied with
     soft cap, untied, frozen under LoRA); the others share their code paths."""
-    if BACKEND != "tensorflow":
-        pytest.skip("already on another backend")
-    require_backend("jax")
-    run_pytest(
+    rerun_from_tensorflow(
+        "jax",
         "-x",
         "tests/test_hub.py",
         "-k",
         "(gemma_tied or llama_untied or gemma_lora) and not on_jax",
-        backend="jax",
         # Measured: 13 passed, 2 skipped (the LoRA-only test on the other two models),
         # 16 deselected.
         min_passed=13,

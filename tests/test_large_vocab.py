@@ -13,7 +13,7 @@ import json
 import keras
 import numpy as np
 import pytest
-from conftest import REPO, require_backend, run_pytest, run_python
+from conftest import REPO, require_backend, rerun_from_tensorflow, run_python
 from keras import ops
 
 from keras_ce_plugin.large_vocab import (
@@ -724,10 +724,8 @@ NESTED_COUNTS = {"jax": (64, 21), "torch": (66, 19)}
 @pytest.mark.parametrize("other", ["jax", "torch"])
 def test_other_backend_subprocess(other):
     """This file's backend-neutral tests, again under another backend in a fresh process."""
-    require_backend(other)
-    if BACKEND != "tensorflow":
-        pytest.skip("already on another backend")
-    run_pytest(
+    rerun_from_tensorflow(
+        other,
         "-x",
         "tests/test_large_vocab.py",
         "-k",
@@ -735,7 +733,6 @@ def test_other_backend_subprocess(other):
         # variants (same code paths) run on TensorFlow only, to keep CI within its time.
         "not fresh_process and not other_backend and not (options and (recompute or "
         "in_forward)) and not (model_fit and (untied or dense))",
-        backend=other,
         min_passed=NESTED_COUNTS[other][0],
         max_skipped=NESTED_COUNTS[other][1],
         timeout=900,

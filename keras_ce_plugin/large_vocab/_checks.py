@@ -8,6 +8,11 @@ import math
 from typing import Any
 
 
+def _is_number(value: Any) -> bool:
+    """An int or float, not a bool (the one number test of these checks)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _check_chunk(name: str, value: Any) -> int | None:
     if value is None:
         return None
@@ -28,7 +33,7 @@ def _check_positive(name: str, value: Any, what: str) -> float | None:
     """``value`` as a float if it is a positive finite number, None if None."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+    if not _is_number(value) or not value > 0:
         raise ValueError(f"`{name}` must be {what} or None. Received: {name}={value!r}")
     if not math.isfinite(value):
         raise ValueError(f"`{name}` must be finite. Received: {name}={value!r}")
@@ -45,7 +50,7 @@ def _check_budget(value: Any) -> float | None:
 
 
 def _check_z_loss(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+    if not _is_number(value) or not 0 <= value < 1:
         raise ValueError(f"`z_loss` must be a float in [0, 1). Received: z_loss={value!r}")
     return float(value)
 
@@ -59,7 +64,7 @@ def _check_filter(value: Any) -> float | str | None:
     """``filter_eps`` validated: None (off), ``"auto"`` or a float in (0, 1)."""
     if value is None or value == "auto":
         return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+    if not _is_number(value) or not 0 < value < 1:
         raise ValueError(
             "`filter_eps` must be 'auto', a float in (0, 1) or None. "
             f"Received: filter_eps={value!r}"
