@@ -17,7 +17,7 @@ import json
 import keras
 import numpy as np
 import pytest
-from conftest import require_backend, run_pytest
+from conftest import rerun_from_tensorflow
 from test_large_vocab import (
     BACKEND,
     RTOL,
@@ -86,7 +86,9 @@ def test_filtered_gradients_match_reference_and_skip_the_far_block(rng, path, tr
     assert np.all(far(dk) == 0.0)
     assert np.any(far(dk0) != 0.0) and np.max(np.abs(far(dk0))) < 1e-15
     near = (lambda g: g[: FAR.start]) if transpose else (lambda g: g[:, : FAR.start])
-    np.testing.assert_allclose(near(dk), near(dk0), rtol=1e-6, atol=1e-7)
+    # 1e-6: on torch the unfiltered in_forward path is torch's own pass (a filter takes
+    # the generic one), which sums in another order (observed 1.5e-7 on entries ~1-10).
+    np.testing.assert_allclose(near(dk), near(dk0), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("transpose", [False, True], ids=["dxV", "Vxd"])
@@ -175,14 +177,11 @@ NESTED = {"jax": 17, "torch": 17}
 @pytest.mark.parametrize("other", ["jax", "torch"])
 def test_other_backends(other):
     """This file's tests, again under JAX and torch in a fresh process."""
-    require_backend(other)
-    if BACKEND != "tensorflow":
-        pytest.skip("already on another backend")
-    run_pytest(
+    rerun_from_tensorflow(
+        other,
         "tests/test_large_vocab_filter.py",
         "-k",
         "not other_backends",
-        backend=other,
         min_passed=NESTED[other],
         max_skipped=2,
     )

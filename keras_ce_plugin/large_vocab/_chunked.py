@@ -75,7 +75,9 @@ def _to(x: Any, dtype: str) -> Any:
     return x if keras.backend.standardize_dtype(x.dtype) == dtype else ops.cast(x, dtype)
 
 
-def _spec(hidden, kernel, bias, transpose, cap, smoothing, tn, tv, fused, budget=None) -> _Spec:
+def _spec(
+    hidden, kernel, bias, transpose, cap, smoothing, tn, tv, row_buffers, budget=None
+) -> _Spec:
     if not isinstance(transpose, bool):
         raise TypeError(
             f"`transpose_kernel` must be a bool. Received: transpose_kernel={transpose!r}"
@@ -103,7 +105,7 @@ def _spec(hidden, kernel, bias, transpose, cap, smoothing, tn, tv, fused, budget
         chunk_budget_mib=budget,
         token_chunk_size=tn,
         vocab_chunk_size=tv,
-        in_forward=fused,
+        row_buffers=row_buffers,
     )
     return _Spec(int(dim), int(vocab), transpose, _check_cap(cap), smoothing, tn, tv)
 

@@ -16,6 +16,8 @@ the recomputing path (:func:`supported`).
 
 from __future__ import annotations
 
+from typing import Any
+
 import keras
 from keras import ops
 
@@ -35,10 +37,10 @@ from keras_ce_plugin.large_vocab._chunked import (
 )
 
 
-def supported(spec: _Spec) -> bool:
-    """Whether the online pass computes this loss (not: smoothing with a soft cap, nor
-    gradient filtering, which only the recomputing pass does)."""
-    return not (spec.smoothing and spec.cap is not None) and not spec.filter_eps
+def supported_by(smoothing: Any, cap: Any, filter_eps: Any) -> bool:
+    """Whether the online pass computes a loss with these settings (not: smoothing with a
+    soft cap, nor gradient filtering, which only the recomputing pass does)."""
+    return not (smoothing and cap is not None) and not filter_eps
 
 
 def _target_rows(kernel, lab, spec: _Spec):

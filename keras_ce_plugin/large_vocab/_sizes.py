@@ -4,7 +4,11 @@ One token chunk of ``tn`` rows against one vocabulary chunk of ``tv`` columns ho
 in float32: the logits chunk and its gradient (``2 tn tv``), the kernel block as
 the matmul reads it (``d tv``) and the token chunk's hidden rows, hidden gradient and
 accumulator (``3 tn d``). Gradient-in-forward (``strategy="in_forward"``) keeps a
-token chunk's whole logits row instead (``2 tn V``). The sizes are powers of two so
+token chunk's whole logits row instead: ``row_buffers`` of ``tn V`` (2 in the generic
+pass, the logits and their gradient; 1 in torch's own, which overwrites the logits in
+place, 2 with a soft cap), under a default budget four times as large: such a pass
+adds the kernel gradient once per token chunk, re-reading the whole ``d x V`` buffer,
+so its token chunks must not shrink to a few dozen rows. The sizes are powers of two so
 that every chunk but the last has one shape (one compiled elementwise kernel).
 """
 
@@ -14,6 +18,7 @@ import math
 
 DEFAULT_TOKEN_CHUNK = 4096
 DEFAULT_CHUNK_BUDGET_MIB = 64.0
+ROW_BUDGET_FACTOR = 4  # default budget of a pass that keeps whole logits rows
 MIN_TOKEN_CHUNK = 16
 MIN_VOCAB_CHUNK = 256
 PREFERRED_VOCAB_CHUNK = 1024  # the CPU sweep's width: tokens shrink before columns do
@@ -34,7 +39,7 @@ def chunk_sizes(
     chunk_budget_mib: float | None = None,
     token_chunk_size: int | None = None,
     vocab_chunk_size: int | None = None,
-    in_forward: bool = False,
+    row_buffers: int = 0,
 ) -> tuple[int, int]:
     """The ``(token_chunk_size, vocab_chunk_size)`` that ``linear_ce`` uses.
 
@@ -43,7 +48,9 @@ def chunk_sizes(
     to 4096 tokens (all of ``tokens`` if fewer fit), as many as fit beside a
     1024-column chunk, then as many vocabulary columns as the rest of the budget
     holds (256 to 16,384, at most ``vocab``). Fewer tokens per batch thus get wider
-    vocabulary chunks: fewer, larger matmuls.
+    vocabulary chunks: fewer, larger matmuls. ``row_buffers`` is the number of
+    ``(tokens chunk, V)`` buffers a gradient-in-forward pass keeps (0: recomputation);
+    such a pass defaults to four times the budget (256 MiB).
 
     >>> chunk_sizes(4096, 512, 131072)
     (4096, 1024)
@@ -52,12 +59,13 @@ def chunk_sizes(
     >>> chunk_sizes(4096, 512, 131072, chunk_budget_mib=16)
     (1024, 1024)
     """
-    budget = (chunk_budget_mib or DEFAULT_CHUNK_BUDGET_MIB) * 2**20 / 4  # float32 elements
+    default = DEFAULT_CHUNK_BUDGET_MIB * (ROW_BUDGET_FACTOR if row_buffers else 1)
+    budget = (chunk_budget_mib or default) * 2**20 / 4  # float32 elements
     cap = DEFAULT_TOKEN_CHUNK if tokens is None else max(1, min(DEFAULT_TOKEN_CHUNK, tokens))
 
     def need(tn: int, tv: int) -> int:
-        if in_forward:  # the whole logits row of the token chunk is kept
-            return 2 * tn * vocab + dim * tv + 3 * tn * dim
+        if row_buffers:  # the whole logits row of the token chunk is kept
+            return row_buffers * tn * vocab + dim * tv + 3 * tn * dim
         return 2 * tn * tv + dim * tv + 3 * tn * dim
 
     tn = token_chunk_size
@@ -72,8 +80,8 @@ def chunk_sizes(
         tn = max(1, min(tn, tokens))
     tv = vocab_chunk_size
     if tv is None:
-        room = (budget - 3 * tn * dim - (2 * tn * vocab if in_forward else 0)) / (
-            dim + (0 if in_forward else 2 * tn)
+        room = (budget - 3 * tn * dim - row_buffers * tn * vocab) / (
+            dim + (0 if row_buffers else 2 * tn)
         )
         tv = max(MIN_VOCAB_CHUNK, min(MAX_VOCAB_CHUNK, _pow2_floor(room)))
     return int(tn), int(min(tv, vocab))

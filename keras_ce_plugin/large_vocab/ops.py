@@ -13,7 +13,10 @@ count may be dynamic) and the vocabulary in chunks of ``vocab_chunk_size`` colum
   ``fused_linear_ce_sum(..., strategy="in_forward")``: a token chunk's logits row
   (``token_chunk x V``) is kept while its gradients are computed; the backward pass
   only scales them. It saves one of the four matmuls but needs small token chunks
-  at large ``V``, and measured slower on CPU (see the benchmark).
+  at large ``V``. On torch it is a pass of its own (``_torch_rows``: the row
+  overwritten in place, the kernel gradient added by an in-place GEMM), which the
+  default ``strategy=None`` takes there (:mod:`._strategy` decides); elsewhere the
+  generic chunked pass measured slower on CPU (see the benchmark).
 
 Rows whose label is ``ignore_class`` (or whose weight is 0) are moved behind the
 others and the loop stops before them: they cost no matmul.
@@ -25,7 +28,7 @@ from typing import Any
 
 from keras import ops
 
-from keras_ce_plugin.large_vocab import _online, _sharded
+from keras_ce_plugin.large_vocab import _online, _sharded, _strategy
 from keras_ce_plugin.large_vocab._checks import (
     _check_budget,
     _check_chunk,
@@ -61,7 +64,7 @@ def _prepare(
     token_chunk_size: int | None,
     vocab_chunk_size: int | None,
     *,
-    fused: bool,
+    row_buffers: int,
     z_loss: float = 0.0,
     chunk_budget_mib: float | None = None,
     matmul_precision: str = "float32",
@@ -80,7 +83,7 @@ def _prepare(
         smoothing,
         _check_chunk("token_chunk_size", token_chunk_size),
         _check_chunk("vocab_chunk_size", vocab_chunk_size),
-        fused=fused,
+        row_buffers,
         budget=_check_budget(chunk_budget_mib),
     )
     mm_dtype = _mm_dtype(hidden, kernel, matmul_precision)
@@ -168,7 +171,7 @@ def linear_ce(
         logit_soft_cap,
         token_chunk_size,
         vocab_chunk_size,
-        fused=False,
+        row_buffers=0,
         z_loss=z_loss,
         chunk_budget_mib=chunk_budget_mib,
         matmul_precision=matmul_precision,
@@ -246,7 +249,7 @@ def fused_linear_ce_sum(
     chunk_budget_mib: float | None = None,
     matmul_precision: str = "float32",
     compute_grads: bool = True,
-    strategy: str = "recompute",
+    strategy: str | None = None,
     filter_eps: float | str | None = None,
 ) -> tuple[Any, Any]:
     """``sum(weights * linear_ce(...))`` and the per-token correctness (argmax == label).
@@ -254,8 +257,10 @@ def fused_linear_ce_sum(
     Rows with weight 0 or label ``ignore_class`` are skipped (no matmul). ``weights``
     has the labels' shape. ``strategy="recompute"`` recomputes the logits chunks in
     the backward pass; ``"in_forward"`` computes the gradients in the forward pass
-    and only scales them in the backward pass (``compute_grads=False``: no
-    gradient, e.g. for metrics). Returns a float32 scalar and float32 ``(N,)``
+    and only scales them in the backward pass; ``None`` (the default) picks
+    ``"in_forward"`` where the backend has its own pass for it (torch, float32
+    matmuls, no ``filter_eps``) and ``"recompute"`` elsewhere (``compute_grads=False``:
+    no gradient, e.g. for metrics). Returns a float32 scalar and float32 ``(N,)``
     correctness (1.0/0.0; 0 on skipped rows).
     """
     total, correct, _ = fused_linear_ce_parts(
@@ -295,7 +300,7 @@ def fused_linear_ce_parts(
     chunk_budget_mib: float | None = None,
     matmul_precision: str = "float32",
     compute_grads: bool = True,
-    strategy: str = "recompute",
+    strategy: str | None = None,
     kernel_grad: bool = True,
     z_loss: float = 0.0,
     return_lse: bool = False,
@@ -312,37 +317,36 @@ def fused_linear_ce_parts(
     nothing recomputed), except with both label smoothing and a soft cap, or with
     ``filter_eps`` (see :func:`linear_ce`), which the recomputing pass applies.
     """
-    if strategy not in ("recompute", "in_forward"):
-        raise ValueError(
-            f"`strategy` must be 'recompute' or 'in_forward'. Received: strategy={strategy!r}"
-        )
+    _strategy.check(strategy)
     given_kernel = kernel  # a Keras variable carries its layout (sharded path)
-    hidden, kernel, bias, ignore_class, spec = _prepare(
-        hidden,
-        kernel,
-        labels,
-        bias,
-        transpose_kernel,
-        ignore_class,
-        label_smoothing,
-        logit_soft_cap,
-        token_chunk_size,
-        vocab_chunk_size,
-        # A frozen head takes the online pass (_online), whatever the strategy.
-        fused=compute_grads
-        and strategy == "in_forward"
-        and (
-            kernel_grad
-            or bool(label_smoothing and logit_soft_cap is not None)
-            or filter_eps is not None
-        ),
-        z_loss=z_loss,
-        chunk_budget_mib=chunk_budget_mib,
-        matmul_precision=matmul_precision,
-        filter_eps=filter_eps,
-    )
-    plan = _sharded.plan(hidden, given_kernel, spec)
     impl = _backend()
+
+    def prepare(row_buffers: int):
+        return _prepare(
+            hidden,
+            kernel,
+            labels,
+            bias,
+            transpose_kernel,
+            ignore_class,
+            label_smoothing,
+            logit_soft_cap,
+            token_chunk_size,
+            vocab_chunk_size,
+            row_buffers=row_buffers,
+            z_loss=z_loss,
+            chunk_budget_mib=chunk_budget_mib,
+            matmul_precision=matmul_precision,
+            filter_eps=filter_eps,
+        )
+
+    # A frozen head takes the online pass (_online) where it can, whatever the strategy.
+    online = not kernel_grad and _online.supported_by(label_smoothing, logit_soft_cap, filter_eps)
+    choice = _strategy.choose(
+        strategy, prepare, compute_grads and not online, logit_soft_cap is not None
+    )
+    hidden, kernel, bias, ignore_class, spec = choice.prepared
+    plan = _sharded.plan(hidden, given_kernel, spec)
     lab, in_range, keep = _labels(labels, spec.vocab, ignore_class)
     w = ops.reshape(ops.cast(weights, "float32"), (-1,))
     active = ops.not_equal(w, 0.0)
@@ -391,7 +395,7 @@ def fused_linear_ce_parts(
     def run(h, k, b):
         h2 = ops.reshape(h, (-1, spec.dim))
         rows = _rows(h2, safe, active, u, spec, sort=True)
-        if strategy == "recompute":
+        if not choice.in_forward:
             loss_b, lse_b, amax_b = _forward(impl, rows, k, b, spec)
             parts = correct_of(rows, loss_b, lse_b, amax_b)
 
@@ -403,7 +407,12 @@ def fused_linear_ce_parts(
 
             return parts, grad
 
-        dh, dk, db, loss_b, lse_b, amax_b = _grads(impl, rows, k, b, spec, None, True, kernel_grad)
+        if choice.native is not None:
+            dh, dk, db, loss_b, lse_b, amax_b = choice.native(rows, k, b, spec, kernel_grad)
+        else:
+            dh, dk, db, loss_b, lse_b, amax_b = _grads(
+                impl, rows, k, b, spec, None, True, kernel_grad
+            )
         parts = correct_of(rows, loss_b, lse_b, amax_b)
 
         def grad_in_forward(*args, upstream=None):
@@ -415,7 +424,7 @@ def fused_linear_ce_parts(
 
     if not kernel_grad:
         kernel, bias = ops.stop_gradient(kernel), None if bias is None else ops.stop_gradient(bias)
-        if _online.supported(spec):
+        if online:
             out = impl.custom_gradient(run_online)(hidden)
         else:
             out = impl.custom_gradient(lambda h: run(h, kernel, bias))(hidden)

@@ -1,0 +1,67 @@
+"""Which pass computes the gradients of :func:`~.ops.fused_linear_ce_parts`.
+
+``strategy="recompute"`` recomputes each logits chunk in the backward pass;
+``"in_forward"`` computes the gradients in the forward pass, with the backend's own
+pass where it has one that computes the settings (torch: ``_torch_rows``) and with
+the generic chunked pass otherwise; ``None`` takes the backend's own pass where it
+applies and recomputes elsewhere. The choice fixes the chunk sizes (a pass that keeps
+a token chunk's whole logits row holds ``row_buffers`` of them), so it is made
+before the spec is: :func:`choose` builds the spec with the sizes of the pass chosen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import keras
+
+STRATEGIES = (None, "recompute", "in_forward")
+
+
+class Choice(NamedTuple):
+    in_forward: bool  # the gradients come from the forward pass
+    native: Any  # the backend's own pass (a function), or None: the generic one
+    prepared: tuple  # what ``prepare(row_buffers)`` returned for this choice
+
+
+def check(strategy: Any) -> Any:
+    if strategy not in STRATEGIES:
+        raise ValueError(
+            f"`strategy` must be 'recompute', 'in_forward' or None. Received: strategy={strategy!r}"
+        )
+    return strategy
+
+
+def _own() -> Any:
+    """The module of the backend's own gradient-in-forward pass, or None."""
+    if keras.backend.backend() != "torch":
+        return None
+    from keras_ce_plugin.large_vocab import _torch_rows
+
+    return _torch_rows
+
+
+def choose(
+    strategy: Any, prepare: Callable[[int], tuple], keeps_rows: bool, capped: bool
+) -> Choice:
+    """The pass for ``strategy`` and the prepared inputs (their spec last).
+
+    ``keeps_rows``: whether a gradient-in-forward pass would run at all (gradients
+    wanted, and not a frozen head that the online pass serves). ``prepare(n)``
+    validates the inputs and sizes the chunks for ``n`` kept row buffers; ``capped``:
+    whether the logits are soft-capped (the backend's pass then keeps one more).
+    """
+    own = _own()
+    if strategy is None and own is not None and not own.grad_enabled():
+        return Choice(False, None, prepare(0))  # torch.no_grad: no backward pass will run
+    in_forward = strategy == "in_forward" or (strategy is None and own is not None)
+    if not (in_forward and keeps_rows):
+        return Choice(in_forward, None, prepare(0))
+    if own is not None:
+        prepared = prepare(own.row_buffers(capped))
+        if own.supported(prepared[-1]):
+            return Choice(True, own.grads_in_forward, prepared)
+        if strategy is None:  # the backend's pass does not compute these settings
+            return Choice(False, None, prepare(0))
+    return Choice(True, None, prepare(2))
