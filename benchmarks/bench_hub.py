@@ -11,6 +11,9 @@ Two models, each method in its own process (TensorFlow):
   benchmark's shapes.
 
 ``--frozen`` freezes the head (as LoRA or a frozen embedding leaves it).
+``--backend torch`` (``--model dense`` only) runs the same on torch, where memory is the
+process RSS high-water mark of a step after the warm-up (large blocks are returned to
+the system when freed, so each step shows its own peak) in both columns.
 
 Time: median of ``--repeats`` ``fit`` steps after one warm-up step (wall and process
 CPU time). Memory, two ways, each above the built model (weights, optimizer state, the
@@ -101,12 +104,32 @@ def _build(args: argparse.Namespace):
 def _child(args: argparse.Namespace) -> None:
     import time
 
-    import tensorflow as tf
-
     model, x, y, batch, trainable = _build(args)
 
     def step():
         model.fit(x, y, batch_size=batch, epochs=1, verbose=0)
+
+    if args.backend == "torch":
+        step()  # warm-up
+
+        def rss_of(run):
+            rss0 = _status_kib("VmRSS") * 1024
+            _reset_peak()
+            run()
+            return (_status_kib("VmHWM") * 1024 - rss0 - trainable) / GIB
+
+        rss = rss_of(step)
+        times, cpu = [], []
+        for _ in range(args.repeats):
+            t0, c0 = time.perf_counter(), time.process_time()
+            step()
+            times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+        result = {"median_s": statistics.median(times), "cpu_s": statistics.median(cpu)}
+        print(json.dumps({**result, "peak_gib": rss, "rss_gib": rss}))
+        return
+
+    import tensorflow as tf
 
     def memory(run):
         tf.config.experimental.reset_memory_stats("CPU:0")
@@ -138,7 +161,7 @@ def _child(args: argparse.Namespace) -> None:
 def _run(args: argparse.Namespace, case: str, method: str, tokens: int) -> dict:
     env = {
         **os.environ,
-        "KERAS_BACKEND": "tensorflow",
+        "KERAS_BACKEND": args.backend,
         "TF_CPP_MIN_LOG_LEVEL": "3",
         "MALLOC_MMAP_THRESHOLD_": "65536",
         "MALLOC_TRIM_THRESHOLD_": "0",
@@ -146,7 +169,7 @@ def _run(args: argparse.Namespace, case: str, method: str, tokens: int) -> dict:
     cmd = [sys.executable, __file__, "--child", "--case", case, "--method", method]
     cmd += ["--tokens", str(tokens), "--repeats", str(args.repeats), "--model", args.model]
     cmd += ["--frozen"] if args.frozen else []
-    cmd += ["--dtype", args.dtype]
+    cmd += ["--dtype", args.dtype, "--backend", args.backend]
     cmd += ["--memory-limit", str(args.memory_limit)] if args.memory_limit else []
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
@@ -183,15 +206,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--memory-limit", type=float, default=0.0, help="GiB above the model")
     p.add_argument("--max-tokens", type=int, default=65536)
+    p.add_argument("--backend", default="tensorflow", choices=["tensorflow", "torch"])
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--case", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.backend == "torch" and (args.model != "dense" or args.memory_limit):
+        p.error("--backend torch: --model dense only, without --memory-limit")
     if args.child:
         _child(args)
         return
     print(
-        f"model={args.model} frozen={args.frozen} N={args.tokens} repeats={args.repeats} "
+        f"model={args.model} backend={args.backend} frozen={args.frozen} N={args.tokens} "
+        f"repeats={args.repeats} "
         f"load={os.getloadavg()}"
     )
     if args.memory_limit:
