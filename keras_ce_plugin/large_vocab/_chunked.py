@@ -299,8 +299,8 @@ def _fold_all(impl, h, lab, kernel, bias, spec: _Spec, keep: bool):
     state = _init_state(spec.tn)
     kept = []
     for c0, c1 in _chunks(spec):
-        k = impl.after(kernel, state[0])
-        z = _matmul(impl, impl.after(h, state[0]), _block(k, c0, c1, spec), spec)
+        w = _block(impl.after(kernel, state), c0, c1, spec)  # after the whole previous fold
+        z = _matmul(impl, impl.after(h, state), w, spec)
         state = fold(z, _bias_chunk(bias, c0, c1), lab, _i32(c0), *state)
         if keep:
             kept.append(z)
@@ -362,12 +362,10 @@ def _grads(impl, rows: _Rows, kernel, bias, spec: _Spec, lse_b, fused: bool, ker
         dh = None
         db = list(db)
         limit = spec.filter_eps * ops.max(ops.abs(u)) if spec.filter_eps else None
+        prev: tuple = (dk,)  # everything the previous chunk computed
         for k, (c0, c1) in enumerate(chunks):
-            w = _block(impl.after(kernel, dk), c0, c1, spec)
-            if fused:
-                z = kept[k]
-            else:
-                z = _matmul(impl, impl.after(h, dk), w, spec)
+            w = _block(impl.after(kernel, prev), c0, c1, spec)
+            z = kept[k] if fused else _matmul(impl, impl.after(h, prev), w, spec)
             g, g_sum, *big = dlogits(z, _bias_chunk(bias, c0, c1), lab, _i32(c0), lse, u)
             live = big[0] > limit if big else None  # filter_eps: skip a negligible block
             part = _unless(
@@ -384,6 +382,7 @@ def _grads(impl, rows: _Rows, kernel, bias, spec: _Spec, lse_b, fused: bool, ker
                 dk = impl.after(dk, part)
             if bias is not None:
                 db[k] = db[k] + g_sum
+            prev = (dk, dh, *db[k : k + 1])
         return impl.set_row(dh_b, i, dh), dk, tuple(db), loss_b, lse_out, amax_b
 
     init = (

@@ -76,8 +76,8 @@ def forward(impl, rows: _Rows, kernel, bias, spec: _Spec):
         state = _init_state(spec.tn)
         acc = ops.zeros((spec.tn, spec.dim), "float32")
         for c0, c1 in _chunks(spec):
-            w = _block(impl.after(kernel, state[0]), c0, c1, spec)
-            z = _matmul(impl, impl.after(h, state[0]), w, spec)
+            w = _block(impl.after(kernel, (acc, state)), c0, c1, spec)  # after the last chunk
+            z = _matmul(impl, impl.after(h, (acc, state)), w, spec)
             *folded, e, alpha = fold(z, _bias_chunk(bias, c0, c1), lab, _i32(c0), *state)
             state = tuple(folded)
             part = _back(impl, e, w, spec)

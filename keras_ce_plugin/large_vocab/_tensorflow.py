@@ -121,8 +121,9 @@ def fuse(fn: Any) -> Any:
 
 
 def after(x: Any, dep: Any) -> Any:
-    """``x``, available only once ``dep`` is computed (orders the chunks; no copy)."""
-    with tf.control_dependencies([dep]):
+    """``x``, available only once ``dep`` (a tensor or a nest of them) is computed
+    (orders the chunks; no copy)."""
+    with tf.control_dependencies(tf.nest.flatten(dep)):
         return tf.identity(x)
 
 
