@@ -42,7 +42,7 @@ import statistics
 import subprocess
 import sys
 
-from bench_large_vocab import _reset_peak, _status_kib  # the same directory
+from bench_large_vocab import _reset_peak, _status_kib, _timed  # the same directory
 
 GIB = 1024**3
 SEQ = 512
@@ -102,8 +102,6 @@ def _build(args: argparse.Namespace):
 
 
 def _child(args: argparse.Namespace) -> None:
-    import time
-
     model, x, y, batch, trainable = _build(args)
 
     def step():
@@ -119,12 +117,7 @@ def _child(args: argparse.Namespace) -> None:
             return (_status_kib("VmHWM") * 1024 - rss0 - trainable) / GIB
 
         rss = rss_of(step)
-        times, cpu = [], []
-        for _ in range(args.repeats):
-            t0, c0 = time.perf_counter(), time.process_time()
-            step()
-            times.append(time.perf_counter() - t0)
-            cpu.append(time.process_time() - c0)
+        times, cpu = _timed(step, args.repeats)
         result = {"median_s": statistics.median(times), "cpu_s": statistics.median(cpu)}
         print(json.dumps({**result, "peak_gib": rss, "rss_gib": rss}))
         return
@@ -148,12 +141,7 @@ def _child(args: argparse.Namespace) -> None:
         print(json.dumps({"tokens": args.tokens, "rss_gib": rss}))
         return
     alloc, _ = memory(step)
-    times, cpu = [], []
-    for _ in range(args.repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        step()
-        times.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
+    times, cpu = _timed(step, args.repeats)
     result = {"median_s": statistics.median(times), "cpu_s": statistics.median(cpu)}
     print(json.dumps({**result, "peak_gib": alloc, "rss_gib": rss}))
 
