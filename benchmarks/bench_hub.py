@@ -11,9 +11,10 @@ Two models, each method in its own process (TensorFlow):
   benchmark's shapes.
 
 ``--frozen`` freezes the head (as LoRA or a frozen embedding leaves it).
-``--backend torch`` (``--model dense`` only) runs the same on torch, where memory is the
-process RSS high-water mark of a step after the warm-up (large blocks are returned to
-the system when freed, so each step shows its own peak) in both columns.
+``--backend jax`` or ``torch`` (``--model dense`` only on torch: keras-hub is tested on
+TensorFlow and JAX) runs the same there, where memory is the process RSS high-water
+mark of a step after the warm-up (large blocks are returned to the system when freed,
+so each step shows its own peak) in both columns.
 
 Time: median of ``--repeats`` ``fit`` steps after one warm-up step (wall and process
 CPU time). Memory, two ways, each above the built model (weights, optimizer state, the
@@ -107,7 +108,7 @@ def _child(args: argparse.Namespace) -> None:
     def step():
         model.fit(x, y, batch_size=batch, epochs=1, verbose=0)
 
-    if args.backend == "torch":
+    if args.backend != "tensorflow":
         step()  # warm-up
 
         def rss_of(run):
@@ -194,13 +195,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--memory-limit", type=float, default=0.0, help="GiB above the model")
     p.add_argument("--max-tokens", type=int, default=65536)
-    p.add_argument("--backend", default="tensorflow", choices=["tensorflow", "torch"])
+    p.add_argument("--backend", default="tensorflow", choices=["tensorflow", "jax", "torch"])
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--case", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.backend == "torch" and (args.model != "dense" or args.memory_limit):
-        p.error("--backend torch: --model dense only, without --memory-limit")
+    if args.backend != "tensorflow" and args.memory_limit:
+        p.error(f"--backend {args.backend}: --memory-limit needs TensorFlow")
+    if args.backend == "torch" and args.model != "dense":
+        p.error("--backend torch: --model dense only")
     if args.child:
         _child(args)
         return
