@@ -64,8 +64,10 @@ def _problem(rng, opts, transpose):
     b = rng.normal(size=V).astype("float32") if opts.get("bias") else None
     y = rng.integers(0, V, N).astype("int32")
     y[::9] = 7  # the ignored class, where it is set
-    u = rng.uniform(0.1, 2.0, N).astype("float32") if opts.get("weights") else np.ones(N, "float32")
-    u[4] = 0.0 if opts.get("weights") else u[4]
+    u = np.ones(N, "float32")
+    if opts.get("weights"):
+        u = rng.uniform(0.1, 2.0, N).astype("float32")
+        u[4] = 0.0
     return h, k, b, y, u
 
 

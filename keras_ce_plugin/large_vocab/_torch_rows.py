@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from keras_ce_plugin.large_vocab._chunked import _Rows, _Spec, _unsort
+from keras_ce_plugin.large_vocab._chunked import _finish, _Rows, _Spec, _unsort
 
 
 def supported(spec: _Spec) -> bool:
@@ -84,13 +84,9 @@ def grads_in_forward(rows: _Rows, kernel: Any, bias: Any, spec: _Spec, kernel_gr
         m, amax = s.max(dim=1)
         p = s.sub_(m[:, None]).exp_()  # unnormalised softmax, in place
         norm = p.sum(dim=1)
-        lse = m + torch.log(norm)
-        loss = lse - keep_s * tgt
-        if ssum is not None:
-            loss = loss - (spec.smoothing / vocab) * ssum
+        loss, lse, _ = _finish((m, norm, tgt, ssum, amax), spec)  # as the chunked passes
         scale = u / norm  # softmax times the token's weight, in one pass
         if spec.zloss:
-            loss = loss + spec.zloss * lse.square()
             scale = scale * (1.0 + 2.0 * spec.zloss * lse)
         g = p.mul_(scale[:, None])
         g[arange, lab] -= keep_s * u
