@@ -74,7 +74,7 @@ def _problem(rng, opts, transpose):
 def _kwargs(opts, transpose, **extra):
     kw = {key: opts[key] for key in ("logit_soft_cap", "label_smoothing", "z_loss") if key in opts}
     kw.update(transpose_kernel=transpose, ignore_class=opts.get("ignore_class"))
-    kw.update(token_chunk_size=16, return_lse=True, **extra)
+    kw.update({"token_chunk_size": 16, "return_lse": True, **extra})
     return kw
 
 

@@ -5,11 +5,12 @@ in float32: the logits chunk and its gradient (``2 tn tv``), the kernel block as
 the matmul reads it (``d tv``) and the token chunk's hidden rows, hidden gradient and
 accumulator (``3 tn d``). Gradient-in-forward (``strategy="in_forward"``) keeps a
 token chunk's whole logits row instead: ``row_buffers`` of ``tn V`` (2 in the generic
-pass, the logits and their gradient; 1 in torch's own, which overwrites the logits in
-place, 2 with a soft cap), under a default budget four times as large: such a pass
-adds the kernel gradient once per token chunk, re-reading the whole ``d x V`` buffer,
-so its token chunks must not shrink to a few dozen rows. The sizes are powers of two so
-that every chunk but the last has one shape (one compiled elementwise kernel).
+pass, the logits and their gradient; 1 in the TensorFlow and torch backends' own
+passes, which write the gradient over the logits, 2 with a soft cap), under a default
+budget four times as large: such a pass adds the kernel gradient once per token chunk,
+re-reading the whole ``d x V`` buffer, so its token chunks must not shrink to a few
+dozen rows. The sizes are powers of two so that every chunk but the last has one shape
+(one compiled elementwise kernel).
 """
 
 from __future__ import annotations

@@ -2,15 +2,18 @@
 
 ``strategy="recompute"`` recomputes each logits chunk in the backward pass;
 ``"in_forward"`` computes the gradients in the forward pass, with the backend's own
-pass where it has one that computes the settings (torch: ``_torch_rows``) and with
-the generic chunked pass otherwise; ``None`` takes the backend's own pass where it
-applies and recomputes elsewhere. The choice fixes the chunk sizes (a pass that keeps
-a token chunk's whole logits row holds ``row_buffers`` of them), so it is made
-before the spec is: :func:`choose` builds the spec with the sizes of the pass chosen.
+pass where it has one that computes the settings (TensorFlow: ``_tf_rows``; torch:
+``_torch_rows``) and with the generic chunked pass otherwise; ``None`` takes the
+backend's own pass where it applies and recomputes elsewhere, and only computes the
+forward pass where no gradient is being recorded. The choice fixes the chunk sizes (a
+pass that keeps a token chunk's whole logits row holds ``row_buffers`` of them), so it
+is made before the spec is: :func:`choose` builds the spec with the sizes of the pass
+chosen.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -35,11 +38,22 @@ def check(strategy: Any) -> Any:
 
 def _own() -> Any:
     """The module of the backend's own gradient-in-forward pass, or None."""
-    if keras.backend.backend() != "torch":
-        return None
-    from keras_ce_plugin.large_vocab import _torch_rows
+    backend = keras.backend.backend()
+    if backend == "torch":
+        from keras_ce_plugin.large_vocab import _torch_rows
 
-    return _torch_rows
+        return _torch_rows
+    if backend == "tensorflow":
+        from keras_ce_plugin.large_vocab import _tf_rows
+
+        return _tf_rows
+    return None
+
+
+def _tokens(hidden: Any) -> int | None:
+    """The number of rows of ``hidden`` (all axes but the last), if static."""
+    dims = tuple(hidden.shape[:-1])
+    return None if None in dims else math.prod(dims)
 
 
 def choose(
@@ -48,19 +62,24 @@ def choose(
     """The pass for ``strategy`` and the prepared inputs (their spec last).
 
     ``keeps_rows``: whether a gradient-in-forward pass would run at all (gradients
-    wanted, and not a frozen head that the online pass serves). ``prepare(n)``
+    wanted, and not a frozen head that the online pass serves). The backend's own pass
+    says which settings it computes (``supported``) and, for ``strategy=None``, whether
+    it beats recomputation at these chunk sizes (``worth_it``). ``prepare(n)``
     validates the inputs and sizes the chunks for ``n`` kept row buffers; ``capped``:
     whether the logits are soft-capped (the backend's pass then keeps one more).
     """
     own = _own()
     if strategy is None and own is not None and not own.grad_enabled():
-        return Choice(False, None, prepare(0))  # torch.no_grad: no backward pass will run
+        return Choice(False, None, prepare(0))  # no backward pass will run (no tape, no_grad)
     in_forward = strategy == "in_forward" or (strategy is None and own is not None)
     if not (in_forward and keeps_rows):
         return Choice(in_forward, None, prepare(0))
     if own is not None:
         prepared = prepare(own.row_buffers(capped))
-        if own.supported(prepared[-1]):
+        spec = prepared[-1]
+        if own.supported(spec) and (
+            strategy == "in_forward" or own.worth_it(spec, _tokens(prepared[0]))
+        ):
             return Choice(True, own.grads_in_forward, prepared)
         if strategy is None:  # the backend's pass does not compute these settings
             return Choice(False, None, prepare(0))

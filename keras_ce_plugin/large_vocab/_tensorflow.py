@@ -71,11 +71,11 @@ def _group(vocab: int, chunk: int) -> int:
 
 def kernel_grad_buffer(dim: int, vocab: int, chunk: int, transpose: bool) -> Any:
     """A zero buffer for the kernel gradient, in a row layout ``add_kernel_grad`` can use."""
-    if transpose:
-        return zeros([vocab, dim])
     if _in_xla():
-        return zeros([dim, vocab])
+        return zeros([vocab, dim] if transpose else [dim, vocab])
     g = _group(vocab, chunk)
+    if transpose:  # a chunk is whole rows of the (V, d) gradient: one flat row per g of them
+        return zeros([vocab // g, g * dim])
     return zeros([dim * vocab // g, g])
 
 
@@ -88,10 +88,10 @@ def add_kernel_grad(
         start_idx = [start, 0] if transpose else [0, start]
         size = [width, dim] if transpose else [dim, width]
         return _dus(buf, tf.slice(buf, start_idx, size) + block, start_idx)
-    if transpose:
-        rows = np.arange(start, start + width, dtype=np.int32)
-        return tf.raw_ops.InplaceAdd(x=buf, i=rows, v=block)
     g = _group(vocab, chunk)
+    if transpose:
+        rows = np.arange(start // g, (start + width) // g, dtype=np.int32)
+        return tf.raw_ops.InplaceAdd(x=buf, i=rows, v=tf.reshape(block, [width // g, g * dim]))
     per_row = vocab // g
     rows = (
         np.arange(dim, dtype=np.int32)[:, None] * per_row

@@ -27,6 +27,12 @@ def supported(spec: _Spec) -> bool:
     return spec.mm_dtype == "float32" and not spec.filter_eps
 
 
+def worth_it(spec: _Spec, tokens: int | None) -> bool:
+    """Whether ``strategy=None`` should take this pass: always (its in-place ``addmm_``
+    re-reads the kernel gradient at no extra pass, whatever the chunk size)."""
+    return True
+
+
 def grad_enabled() -> bool:
     """Whether a backward pass may follow (not under ``torch.no_grad``)."""
     return torch.is_grad_enabled()

@@ -1,0 +1,224 @@
+"""Gradient in the forward pass on TensorFlow, one token chunk's whole logits row at a time.
+
+The TensorFlow backend's ``strategy="in_forward"``. Per token chunk, one matmul gives
+the ``(tn, V)`` logits and TensorFlow's own cross-entropy kernel (the naive loss's
+``SparseSoftmaxCrossEntropyWithLogits``) turns them, in one threaded pass and in
+their own buffer, into the rows' loss and ``softmax - onehot``. What a setting adds
+is kept off the ``(tn, V)`` row, where every extra step would be one more pass or a
+copy:
+
+- the token weight ``u`` and z-loss's ``1 + 2 * z_loss * lse`` are one factor ``a``
+  per row, applied to ``h`` before the kernel-gradient matmul and to the ``(tn, d)``
+  hidden gradient after its matmul;
+- the one-hot part of label smoothing and z-loss, ``(c + eps) / (1 + c)`` per row
+  (``a`` scales it back), goes into the hidden gradient as the label's kernel column
+  and into each ``tn x tv`` block of the kernel gradient as one entry per row;
+- label smoothing's uniform part ``-u * eps / V`` is rank one: the kernel's column sum
+  for the hidden gradient, and ``sum(u * eps / V * h)`` on every column of the kernel
+  gradient, once at the end.
+
+The kernel gradient is added one vocabulary block at a time (``d x tv``, never
+``d x V``) into one buffer, in place. Three matmul passes, as the naive loss, and
+nothing recomputed; the price is re-reading the ``d x V`` gradient once per token
+chunk, which is why the chunks keep whole rows under a larger budget (``_sizes``).
+A soft cap adds its ``tanh`` and its derivative (one fused kernel) and one product.
+
+Used where :func:`supported` holds: float32 matmuls, no gradient filtering, and not a
+soft cap together with label smoothing (the cap's derivative makes the uniform part
+full rank); other settings take the generic pass.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import tensorflow as tf
+
+from keras_ce_plugin.large_vocab import _tensorflow as impl
+from keras_ce_plugin.large_vocab._chunked import _chunk_rows, _finish, _Rows, _Spec, _unsort
+
+# Stands in for a row factor ``1 + 2 * z_loss * lse`` that is exactly 0, so that the
+# row's one-hot part, divided by it and multiplied back, survives (``_factors``): the
+# softmax term it then leaves is 1e-20 of its true size, 0.
+_TINY = 1e-20
+
+
+# Fewest rows per token chunk for this pass to beat recomputation: it re-reads the
+# d x V kernel gradient once per chunk, a cost that grows as the chunks shrink.
+MIN_ROWS = 256
+
+
+def supported(spec: _Spec) -> bool:
+    """Whether this pass computes the loss with these settings."""
+    return (
+        spec.mm_dtype == "float32"
+        and not spec.filter_eps
+        and not (spec.cap is not None and spec.smoothing)
+    )
+
+
+def worth_it(spec: _Spec, tokens: int | None) -> bool:
+    """Whether ``strategy=None`` should take this pass: token chunks of at least
+    ``MIN_ROWS`` rows, or one chunk holding all ``tokens``."""
+    return spec.tn >= MIN_ROWS or (tokens is not None and spec.tn >= tokens)
+
+
+def grad_enabled() -> bool:
+    """Whether a backward pass may follow: a ``GradientTape`` is recording (``fit``'s
+    training step, not ``evaluate``'s). True where TensorFlow cannot tell."""
+    try:
+        from tensorflow.python.eager import record
+    except ImportError:  # pragma: no cover - TensorFlow layout changed
+        return True
+    return bool(record.could_possibly_record())
+
+
+def row_buffers(capped: bool) -> int:
+    """The ``(tn, V)`` float32 buffers this pass keeps: the logits (their gradient is
+    written over them) and, with a soft cap, its derivative."""
+    return 2 if capped else 1
+
+
+@functools.lru_cache(maxsize=16)
+def _cap_kernel(cap: float):
+    """``(cap * tanh(z / cap), 1 - tanh(z / cap)**2)`` in one fused kernel."""
+
+    def capped(z):
+        t = tf.tanh(z / cap)
+        return cap * t, 1.0 - tf.square(t)
+
+    return impl.fuse(capped)
+
+
+def _logits(h: Any, kernel: Any, bias: Any, spec: _Spec) -> Any:
+    z = tf.matmul(h, kernel, transpose_b=spec.transpose)
+    return z if bias is None else tf.nn.bias_add(z, bias)
+
+
+def _factors(u: Any, lse: Any, spec: _Spec) -> tuple[Any, Any]:
+    """The row factor ``a`` (``u`` times z-loss's ``1 + 2 z lse``) and the one-hot entry
+    ``r`` to add to ``softmax - onehot`` (None when there is none), so that
+    ``a * (softmax - onehot + r * onehot)`` is the loss's gradient (uniform part aside)."""
+    if not spec.zloss:
+        return u, (spec.smoothing if spec.smoothing else None)
+    c = 2.0 * spec.zloss * lse
+    scale = 1.0 + c
+    scale = tf.where(tf.equal(scale, 0.0), _TINY, scale)
+    return u * scale, (c + spec.smoothing) / scale
+
+
+def _label_columns(kernel: Any, lab: Any, spec: _Spec) -> Any:
+    """The kernel's column of each row's label, ``(tn, d)``."""
+    return (
+        tf.gather(kernel, lab) if spec.transpose else tf.transpose(tf.gather(kernel, lab, axis=1))
+    )
+
+
+def grads_in_forward(rows: _Rows, kernel: Any, bias: Any, spec: _Spec, kernel_grad: bool):
+    """As ``_chunked._grads(..., fused=True)``: ``(dh, dk, db, loss_b, lse_b, amax_b)``,
+    the gradients of ``sum(u * loss)`` and the per-row loss, log-sum-exp and argmax."""
+    kernel = tf.cast(tf.stop_gradient(kernel), tf.float32)
+    bias = None if bias is None else tf.cast(tf.stop_gradient(bias), tf.float32)
+    tn, dim, vocab, tv = spec.tn, spec.dim, spec.vocab, spec.tv
+    total = rows.n_pad // tn
+    with_dk, with_db = kernel_grad, bias is not None and kernel_grad
+    uniform = spec.smoothing / vocab
+    # The kernel's column sums, for the hidden gradient's uniform part (rank one).
+    ksum = tf.reduce_sum(kernel, axis=0 if spec.transpose else 1) if uniform else None
+    arange = tf.range(tn)
+
+    def body(i, bufs):
+        dh_b, dk, db, hsum, loss_b, lse_b, amax_b = bufs
+        h, lab, u = _chunk_rows(rows, i, spec)
+        h = impl.after(h, bufs)  # one token chunk at a time: after the previous one's writes
+        s = _logits(h, kernel, bias, spec)
+        keep = None
+        if spec.cap is not None:
+            s, keep = _cap_kernel(spec.cap)(s)
+        idx = tf.stack([arange, lab], axis=1)
+        tgt = tf.gather_nd(s, idx)
+        ssum = tf.reduce_sum(s, axis=1) if spec.smoothing else None
+        amax = tf.argmax(s, axis=1, output_type=tf.int32)
+        deps = [tgt, amax] + ([ssum] if ssum is not None else [])
+        # The kernel writes the gradient over `s` once everything else has read it.
+        xent, g = tf.raw_ops.SparseSoftmaxCrossEntropyWithLogits(
+            features=impl.after(s, deps), labels=lab
+        )
+        lse = xent + tgt
+        loss, lse, _ = _finish((lse, tf.ones_like(lse), tgt, ssum, amax), spec)
+        a, r = _factors(u, lse, spec)
+        # The one-hot entry, kept off the row (adding it there would copy the row):
+        # its coefficient on the label's column, cap's derivative included.
+        hot = None
+        if r is not None:
+            hot = r * tf.ones_like(u) if keep is None else r * tf.gather_nd(keep, idx)
+        if keep is not None:
+            g = g * keep
+        dh = tf.matmul(g, kernel, transpose_b=not spec.transpose)  # (tn, d)
+        if hot is not None:
+            dh = dh + hot[:, None] * _label_columns(kernel, lab, spec)
+        dh = a[:, None] * dh
+        if uniform:
+            dh = dh - (u * uniform)[:, None] * ksum[None, :]
+            hsum = hsum + tf.linalg.matvec(h, u * uniform, transpose_a=True)
+        if with_dk:
+            dk = _add_kernel_grad(dk, g, h * a[:, None], lab, hot, spec)
+        if with_db:
+            db = db + tf.linalg.matvec(g, a, transpose_a=True)
+            if hot is not None:
+                db = db + tf.math.unsorted_segment_sum(a * hot, lab, vocab)
+        return (
+            impl.set_row(dh_b, i, dh),
+            dk,
+            db,
+            hsum,
+            impl.set_row(loss_b, i, loss),
+            impl.set_row(lse_b, i, lse),
+            impl.set_row(amax_b, i, amax),
+        )
+
+    init = (
+        impl.zeros((total, tn, dim)),
+        impl.kernel_grad_buffer(dim, vocab, tv, spec.transpose) if with_dk else tf.zeros((1,)),
+        tf.zeros((vocab,)) if with_db else tf.zeros((1,)),
+        tf.zeros((dim,)),
+        impl.zeros((total, tn)),
+        impl.zeros((total, tn)),
+        impl.zeros((total, tn), "int32"),
+    )
+    dh_b, dk, db, hsum, loss_b, lse_b, amax_b = tf.while_loop(
+        lambda i, _: i < rows.n_chunks,
+        lambda i, bufs: (i + 1, body(i, bufs)),
+        (tf.constant(0), init),
+        parallel_iterations=1,  # one chunk's row at a time
+    )[1]
+    dh = _unsort(rows, tf.reshape(dh_b, (-1, dim)))
+    if with_dk:
+        dk = impl.finish_kernel_grad(dk, dim, vocab, spec.transpose)
+        if uniform:  # the uniform part of every row, on every column
+            dk = dk - (hsum[None, :] if spec.transpose else hsum[:, None])
+    if with_db and uniform:
+        db = db - tf.reduce_sum(rows.u) * uniform
+    return dh, (dk if with_dk else None), (db if with_db else None), loss_b, lse_b, amax_b
+
+
+def _add_kernel_grad(dk: Any, g: Any, ha: Any, lab: Any, hot: Any, spec: _Spec) -> Any:
+    """``dk`` plus this chunk's kernel gradient ``ha.T @ (g + hot * onehot)``, one
+    vocabulary chunk of ``g`` at a time (a ``d x tv`` product, never ``d x V``), each
+    after the previous one is added (one column block alive at a time)."""
+    tn = int(g.shape[0])
+    for c0 in range(0, spec.vocab, spec.tv):
+        c1 = min(c0 + spec.tv, spec.vocab)
+        block = impl.after(g, dk)[:, c0:c1]  # a copy of tn x tv
+        if hot is not None:
+            inside = tf.logical_and(lab >= c0, lab < c1)
+            where = tf.stack([tf.range(tn), tf.clip_by_value(lab - c0, 0, c1 - c0 - 1)], axis=1)
+            block = tf.tensor_scatter_nd_add(block, where, tf.where(inside, hot, 0.0))
+        part = (
+            tf.matmul(block, ha, transpose_a=True)
+            if spec.transpose
+            else tf.matmul(ha, block, transpose_a=True)
+        )
+        dk = impl.add_kernel_grad(dk, part, c0, spec.dim, spec.vocab, spec.tv, spec.transpose)
+    return dk
