@@ -159,7 +159,7 @@ def grads_in_forward(rows: _Rows, kernel: Any, bias: Any, spec: _Spec, kernel_gr
         if hot is not None:
             dh = dh + hot[:, None] * _label_columns(kernel, lab, spec)
         dh = a[:, None] * dh
-        if uniform:
+        if ksum is not None:
             dh = dh - (u * uniform)[:, None] * ksum[None, :]
             hsum = hsum + tf.linalg.matvec(h, u * uniform, transpose_a=True)
         if with_dk:
