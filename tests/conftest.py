@@ -176,3 +176,17 @@ def run_pytest(
     assert not_run <= max_skipped, f"expected <= {max_skipped} skipped/deselected: {summary}"
     assert not {"failed", "error", "errors", "xpassed"} & set(counts), summary
     return summary
+
+
+def spy_on(monkeypatch, module):
+    """Replaces ``module.grads_in_forward`` (a backend's own gradient-in-forward pass)
+    with a wrapper that records each call; returns the list of calls."""
+    calls = []
+    real = module.grads_in_forward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "grads_in_forward", counted)
+    return calls

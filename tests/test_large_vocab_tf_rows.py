@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_large_vocab import BACKEND, RTOL, rel_err, value_and_grads
+from conftest import spy_on
+from test_large_vocab import BACKEND, RTOL, rel_err
 from test_large_vocab_torch import _kwargs, _problem, reference
 
 from keras_ce_plugin.large_vocab.ops import fused_linear_ce_parts
@@ -65,15 +66,7 @@ def spy(monkeypatch):
     """Counts the calls of TensorFlow's own pass."""
     from keras_ce_plugin.large_vocab import _tf_rows
 
-    calls = []
-    real = _tf_rows.grads_in_forward
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(_tf_rows, "grads_in_forward", counted)
-    return calls
+    return spy_on(monkeypatch, _tf_rows)
 
 
 def _run(h, k, y, u, b, kw, graph=None):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import rerun_from_tensorflow
+from conftest import rerun_from_tensorflow, spy_on
 from test_large_vocab import BACKEND, RTOL, rel_err, value_and_grads
 
 from keras_ce_plugin.large_vocab.ops import fused_linear_ce_parts
@@ -88,15 +88,7 @@ def spy(monkeypatch):
     """Counts the calls of torch's own pass."""
     from keras_ce_plugin.large_vocab import _torch_rows
 
-    calls = []
-    real = _torch_rows.grads_in_forward
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(_torch_rows, "grads_in_forward", counted)
-    return calls
+    return spy_on(monkeypatch, _torch_rows)
 
 
 @pytest.mark.parametrize("transpose", [False, True], ids=["dxV", "Vxd"])

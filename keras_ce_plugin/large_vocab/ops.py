@@ -13,10 +13,12 @@ count may be dynamic) and the vocabulary in chunks of ``vocab_chunk_size`` colum
   ``fused_linear_ce_sum(..., strategy="in_forward")``: a token chunk's logits row
   (``token_chunk x V``) is kept while its gradients are computed; the backward pass
   only scales them. It saves one of the four matmuls but needs small token chunks
-  at large ``V``. On torch it is a pass of its own (``_torch_rows``: the row
-  overwritten in place, the kernel gradient added by an in-place GEMM), which the
-  default ``strategy=None`` takes there (:mod:`._strategy` decides); elsewhere the
-  generic chunked pass measured slower on CPU (see the benchmark).
+  at large ``V``. On TensorFlow and torch it is a pass of the backend's own
+  (``_tf_rows``: TensorFlow's cross-entropy kernel over the row; ``_torch_rows``: the
+  row overwritten in place, the kernel gradient added by an in-place GEMM), which the
+  default ``strategy=None`` takes there while gradients are recorded
+  (:mod:`._strategy` decides); on JAX the generic chunked pass measured slower on CPU
+  than recomputing (see the benchmark).
 
 Rows whose label is ``ignore_class`` (or whose weight is 0) are moved behind the
 others and the loop stops before them: they cost no matmul.
@@ -258,9 +260,10 @@ def fused_linear_ce_sum(
     has the labels' shape. ``strategy="recompute"`` recomputes the logits chunks in
     the backward pass; ``"in_forward"`` computes the gradients in the forward pass
     and only scales them in the backward pass; ``None`` (the default) picks
-    ``"in_forward"`` where the backend has its own pass for it (torch, float32
-    matmuls, no ``filter_eps``) and ``"recompute"`` elsewhere (``compute_grads=False``:
-    no gradient, e.g. for metrics). Returns a float32 scalar and float32 ``(N,)``
+    ``"in_forward"`` where the backend has its own pass for it (TensorFlow and torch,
+    float32 matmuls, no ``filter_eps``; on TensorFlow not a soft cap with label
+    smoothing, and token chunks of at least 256 rows) while gradients are recorded, and
+    ``"recompute"`` elsewhere (``compute_grads=False``: no gradient, e.g. for metrics). Returns a float32 scalar and float32 ``(N,)``
     correctness (1.0/0.0; 0 on skipped rows).
     """
     total, correct, _ = fused_linear_ce_parts(
