@@ -10,7 +10,6 @@ first use only.
 from __future__ import annotations
 
 import functools
-import math
 from types import ModuleType
 from typing import Any, NamedTuple
 
@@ -18,7 +17,7 @@ import keras
 from keras import ops
 
 from keras_ce_plugin.large_vocab._checks import _check_cap, _check_precision
-from keras_ce_plugin.large_vocab._sizes import chunk_sizes
+from keras_ce_plugin.large_vocab._sizes import chunk_sizes, static_rows
 from keras_ce_plugin.losses import _check_ignore_class, _check_label_smoothing
 
 _HALF = ("float16", "bfloat16")
@@ -97,9 +96,8 @@ def _spec(
         raise ValueError(
             f"`bias` must have shape ({vocab},). Received: bias.shape={tuple(bias.shape)}"
         )
-    rows = math.prod(hidden.shape[:-1]) if None not in hidden.shape[:-1] else None
     tn, tv = chunk_sizes(
-        rows,
+        static_rows(hidden),
         int(dim),
         int(vocab),
         chunk_budget_mib=budget,

@@ -28,6 +28,13 @@ MAX_VOCAB_CHUNK = 16384
 __all__ = ["DEFAULT_CHUNK_BUDGET_MIB", "chunk_sizes"]
 
 
+def static_rows(hidden) -> int | None:
+    """The number of rows of ``hidden`` (all axes but the last), if static: the
+    ``tokens`` that :func:`chunk_sizes` sizes for."""
+    dims = tuple(hidden.shape[:-1])
+    return None if None in dims else math.prod(dims)
+
+
 def _pow2_floor(x: float) -> int:
     return 1 << max(0, int(math.floor(math.log2(max(x, 1.0)))))
 

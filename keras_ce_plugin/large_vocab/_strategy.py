@@ -13,11 +13,12 @@ chosen.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import keras
+
+from keras_ce_plugin.large_vocab._sizes import static_rows
 
 STRATEGIES = (None, "recompute", "in_forward")
 
@@ -50,12 +51,6 @@ def _own() -> Any:
     return None
 
 
-def _tokens(hidden: Any) -> int | None:
-    """The number of rows of ``hidden`` (all axes but the last), if static."""
-    dims = tuple(hidden.shape[:-1])
-    return None if None in dims else math.prod(dims)
-
-
 def choose(
     strategy: Any, prepare: Callable[[int], tuple], keeps_rows: bool, capped: bool
 ) -> Choice:
@@ -78,7 +73,7 @@ def choose(
         prepared = prepare(own.row_buffers(capped))
         spec = prepared[-1]
         if own.supported(spec) and (
-            strategy == "in_forward" or own.worth_it(spec, _tokens(prepared[0]))
+            strategy == "in_forward" or own.worth_it(spec, static_rows(prepared[0]))
         ):
             return Choice(True, own.grads_in_forward, prepared)
         if strategy is None:  # the backend's pass does not compute these settings

@@ -36,7 +36,14 @@ from typing import Any
 import tensorflow as tf
 
 from keras_ce_plugin.large_vocab import _tensorflow as impl
-from keras_ce_plugin.large_vocab._chunked import _chunk_rows, _finish, _Rows, _Spec, _unsort
+from keras_ce_plugin.large_vocab._chunked import (
+    _chunk_rows,
+    _chunks,
+    _finish,
+    _Rows,
+    _Spec,
+    _unsort,
+)
 
 # Stands in for a row factor ``1 + 2 * z_loss * lse`` that is exactly 0, so that the
 # row's one-hot part, divided by it and multiplied back, survives (``_factors``): the
@@ -208,8 +215,7 @@ def _add_kernel_grad(dk: Any, g: Any, ha: Any, lab: Any, hot: Any, spec: _Spec) 
     vocabulary chunk of ``g`` at a time (a ``d x tv`` product, never ``d x V``), each
     after the previous one is added (one column block alive at a time)."""
     tn = int(g.shape[0])
-    for c0 in range(0, spec.vocab, spec.tv):
-        c1 = min(c0 + spec.tv, spec.vocab)
+    for c0, c1 in _chunks(spec):
         block = impl.after(g, dk)[:, c0:c1]  # a copy of tn x tv
         if hot is not None:
             inside = tf.logical_and(lab >= c0, lab < c1)
