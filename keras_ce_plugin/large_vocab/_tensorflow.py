@@ -54,8 +54,12 @@ def set_row(buf: Any, i: Any, row: Any) -> Any:
 
 
 def mm_nt(a: Any, b: Any) -> Any:
-    """``a @ b.T`` without materialising the transpose."""
-    return tf.matmul(a, b, transpose_b=True)
+    """``a @ b.T`` without materialising the transpose.
+
+    ``BatchMatMulV2`` rather than ``MatMul(transpose_b=True)``: on CPU the latter
+    reorders the whole of ``b`` on every call, which costs the most where ``b`` is a
+    ``d x V`` kernel (``benchmarks/bench_matmul_nt.py``)."""
+    return tf.raw_ops.BatchMatMulV2(x=a, y=b, adj_y=True)
 
 
 def mm_tn(a: Any, b: Any) -> Any:

@@ -99,7 +99,7 @@ def _cap_kernel(cap: float):
 
 
 def _logits(h: Any, kernel: Any, bias: Any, spec: _Spec) -> Any:
-    z = tf.matmul(h, kernel, transpose_b=spec.transpose)
+    z = impl.mm_nt(h, kernel) if spec.transpose else tf.matmul(h, kernel)
     return z if bias is None else tf.nn.bias_add(z, bias)
 
 
@@ -162,7 +162,7 @@ def grads_in_forward(rows: _Rows, kernel: Any, bias: Any, spec: _Spec, kernel_gr
             hot = r * tf.ones_like(u) if keep is None else r * tf.gather_nd(keep, idx)
         if keep is not None:
             g = g * keep
-        dh = tf.matmul(g, kernel, transpose_b=not spec.transpose)  # (tn, d)
+        dh = tf.matmul(g, kernel) if spec.transpose else impl.mm_nt(g, kernel)  # (tn, d)
         if hot is not None:
             dh = dh + hot[:, None] * _label_columns(kernel, lab, spec)
         dh = a[:, None] * dh
