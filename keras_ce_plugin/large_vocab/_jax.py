@@ -64,12 +64,17 @@ def after(x: Any, dep: Any) -> Any:
     token). XLA's CPU scheduler otherwise runs every vocabulary chunk's matmul first and
     keeps all their logits at once (``tokens x V``, as much as the naive loss); an
     ``optimization_barrier`` does not survive its fusion passes, a data dependency does.
+    The zero goes through a ``lax.cond``: without it, in a whole ``fit`` step XLA fused
+    the elements' computation into the next chunk's kernel slice, so the chunks' own
+    reductions ran late and kept their logits alive; a conditional's operand is
+    computed before it, by the producers that compute the rest of ``dep``.
     """
-    zero = jnp.zeros((), x.dtype)
+    zero = jnp.zeros((), jnp.float32)
     for leaf in jax.tree_util.tree_leaves(dep):
         first = leaf[(0,) * leaf.ndim].astype(jnp.float32)  # no flattened copy
-        zero = zero + (jnp.where(jnp.isfinite(first), first, 0.0) * 0.0).astype(x.dtype)
-    return x + zero
+        zero = zero + jnp.where(jnp.isfinite(first), first, 0.0) * 0.0
+    zero = jax.lax.cond(zero == 0.0, lambda z: z, jnp.zeros_like, zero)
+    return x + zero.astype(x.dtype)
 
 
 def scale(g: Any, factor: Any) -> Any:
