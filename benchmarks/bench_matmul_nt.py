@@ -15,19 +15,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import tensorflow as tf
+from bench_large_vocab import _timed  # the same directory
 
 
-def _timed(fn, repeats: int) -> tuple[float, float]:
-    fn()  # warm-up: tracing
-    cpu, wall = [], []
-    for _ in range(repeats):
-        c0, w0 = time.process_time(), time.perf_counter()
-        fn()
-        cpu.append(time.process_time() - c0)
-        wall.append(time.perf_counter() - w0)
+def _medians(fn, repeats: int) -> tuple[float, float]:
+    """Median CPU and wall seconds of ``repeats`` runs after a warm-up (tracing)."""
+    fn()
+    wall, cpu = _timed(fn, repeats)
     return statistics.median(cpu), statistics.median(wall)
 
 
@@ -57,6 +53,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     tf.random.set_seed(0)
+    tf.get_logger().setLevel("ERROR")  # one tf.function per product: no retracing advice
     print(f"rows={args.rows} V={args.vocab} calls={args.calls} repeats={args.repeats}")
     print(f"{'product':>34} {'MatMul cpu s':>13} {'BMM cpu s':>10} {'ratio':>6} {'wall ratio':>10}")
     for d in (int(x) for x in args.dims.split(",")):
@@ -67,8 +64,8 @@ def main() -> None:
         }
         for name, (sa, sb) in shapes.items():
             a, b = tf.random.normal(sa), tf.random.normal(sb)
-            mm = _timed(_loop(_matmul, a, b, args.calls), args.repeats)
-            bmm = _timed(_loop(_batch_matmul, a, b, args.calls), args.repeats)
+            mm = _medians(_loop(_matmul, a, b, args.calls), args.repeats)
+            bmm = _medians(_loop(_batch_matmul, a, b, args.calls), args.repeats)
             print(
                 f"{name:>34} {mm[0]:13.3f} {bmm[0]:10.3f} {bmm[0] / mm[0]:6.2f} "
                 f"{bmm[1] / mm[1]:10.2f}",
