@@ -369,14 +369,18 @@ print(json.dumps(out))
 
 def test_jax_train_step_holds_one_logits_block_at_a_time():
     """Structural, on what XLA allocates for a whole ``fit`` step (JAX subprocess; a
-    tied Gemma, 1,024 tokens, V = 65,536, d = 512): the fused step's temporaries stay
-    under 30% of the naive step's. The naive step holds the N x V logits and their
-    gradient; the fused one the d x V embedding gradient, Gemma's activations and the
-    loss's blocks. Without ``_jax.after``'s conditional, XLA fused the chunk-ordering
-    dependency into the next block's kernel slice and kept most logits blocks of the
-    forward pass alive at once: 37% here (26% with it), 23.7% of the naive memory in
-    ``bench_hub.py --backend jax`` at 512 x 256,000."""
+    tied Gemma, 1,024 tokens, V = 65,536, d = 512): the fused step's temporaries, less
+    the d x V embedding gradient that any method holds, stay under 10% of the naive
+    step's (the issue's memory goal). The naive step holds the N x V logits and their
+    gradient; the fused one the embedding gradient, Gemma's activations and one
+    logits block at a time. 8.4% here. Without the labels going through
+    ``_jax.after`` with each chunk, XLA computed every vocabulary chunk's one-hot mask
+    (``tn x tv`` booleans, which depend on the labels alone) up front and kept them all
+    from the forward to the backward pass: 13.9%. Without ``after``'s conditional, XLA
+    fused the chunk-ordering dependency into the next block's kernel slice and kept
+    most logits blocks of the forward pass alive at once: 19.5%."""
     require_backend("jax")
     proc = run_python(_JAX_STEP_TEMP, cwd=REPO, env={"KERAS_BACKEND": "jax"})
     temp = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert temp["fused"] <= 0.30 * temp["naive"], temp
+    gradient = 65536 * 512 * 4  # the tied embedding's, float32
+    assert temp["fused"] - gradient <= 0.10 * temp["naive"], temp

@@ -59,8 +59,8 @@ def fuse(fn: Any) -> Any:
 
 
 def after(x: Any, dep: Any) -> Any:
-    """``x``, made to depend on the value of ``dep`` (an array or a nest of them):
-    ``x + 0 * (first element of each)``, 0 where not finite (a NaN stays in its own
+    """``x`` (an array or a nest of them), made to depend on the value of ``dep`` (the
+    same): ``x + 0 * (first element of each)``, 0 where not finite (a NaN stays in its own
     token). XLA's CPU scheduler otherwise runs every vocabulary chunk's matmul first and
     keeps all their logits at once (``tokens x V``, as much as the naive loss); an
     ``optimization_barrier`` does not survive its fusion passes, a data dependency does.
@@ -74,7 +74,7 @@ def after(x: Any, dep: Any) -> Any:
         first = leaf[(0,) * leaf.ndim].astype(jnp.float32)  # no flattened copy
         zero = zero + jnp.where(jnp.isfinite(first), first, 0.0) * 0.0
     zero = jax.lax.cond(zero == 0.0, lambda z: z, jnp.zeros_like, zero)
-    return x + zero.astype(x.dtype)
+    return jax.tree_util.tree_map(lambda a: a + zero.astype(a.dtype), x)
 
 
 def scale(g: Any, factor: Any) -> Any:

@@ -77,8 +77,9 @@ def forward(impl, rows: _Rows, kernel, bias, spec: _Spec):
         acc = ops.zeros((spec.tn, spec.dim), "float32")
         for c0, c1 in _chunks(spec):
             w = _block(impl.after(kernel, (acc, state)), c0, c1, spec)  # after the last chunk
-            z = _matmul(impl, impl.after(h, (acc, state)), w, spec)
-            *folded, e, alpha = fold(z, _bias_chunk(bias, c0, c1), lab, _i32(c0), *state)
+            h_c, lab_c = impl.after((h, lab), (acc, state))  # labels: see _chunked._fold_all
+            z = _matmul(impl, h_c, w, spec)
+            *folded, e, alpha = fold(z, _bias_chunk(bias, c0, c1), lab_c, _i32(c0), *state)
             state = tuple(folded)
             part = _back(impl, e, w, spec)
             acc = acc * alpha[:, None] + part

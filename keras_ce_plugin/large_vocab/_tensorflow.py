@@ -125,10 +125,10 @@ def fuse(fn: Any) -> Any:
 
 
 def after(x: Any, dep: Any) -> Any:
-    """``x``, available only once ``dep`` (a tensor or a nest of them) is computed
-    (orders the chunks; no copy)."""
+    """``x`` (a tensor or a nest of them), available only once ``dep`` (the same) is
+    computed (orders the chunks; no copy)."""
     with tf.control_dependencies(tf.nest.flatten(dep)):
-        return tf.identity(x)
+        return tf.nest.map_structure(tf.identity, x)
 
 
 def scale(g: Any, factor: Any) -> Any:
