@@ -297,10 +297,11 @@ def _fold_all(impl, h, lab, kernel, bias, spec: _Spec, keep: bool):
     state = _init_state(spec.tn)
     kept = []
     for c0, c1 in _chunks(spec):
-        w = _block(impl.after(kernel, state), c0, c1, spec)  # after the whole previous fold
-        # the labels too: XLA would otherwise compute every chunk's one-hot mask (which
-        # depends on the labels alone) up front and keep them all (tn x V booleans)
-        h_c, lab_c = impl.after((h, lab), state)
+        # after the whole previous fold; the labels too: XLA would otherwise compute every
+        # chunk's one-hot mask (which depends on the labels alone) up front and keep them
+        # all (tn x V booleans)
+        kernel_c, h_c, lab_c = impl.after((kernel, h, lab), state)
+        w = _block(kernel_c, c0, c1, spec)
         z = _matmul(impl, h_c, w, spec)
         state = fold(z, _bias_chunk(bias, c0, c1), lab_c, _i32(c0), *state)
         if keep:
@@ -365,8 +366,8 @@ def _grads(impl, rows: _Rows, kernel, bias, spec: _Spec, lse_b, fused: bool, ker
         limit = spec.filter_eps * ops.max(ops.abs(u)) if spec.filter_eps else None
         prev: tuple = (dk,)  # everything the previous chunk computed
         for k, (c0, c1) in enumerate(chunks):
-            w = _block(impl.after(kernel, prev), c0, c1, spec)
-            h_c, lab_c = impl.after((h, lab), prev)  # the labels too: see _fold_all
+            kernel_c, h_c, lab_c = impl.after((kernel, h, lab), prev)  # see _fold_all
+            w = _block(kernel_c, c0, c1, spec)
             z = kept[k] if fused else _matmul(impl, h_c, w, spec)
             g, g_sum, *big = dlogits(z, _bias_chunk(bias, c0, c1), lab_c, _i32(c0), lse, u)
             live = big[0] > limit if big else None  # filter_eps: skip a negligible block

@@ -76,8 +76,9 @@ def forward(impl, rows: _Rows, kernel, bias, spec: _Spec):
         state = _init_state(spec.tn)
         acc = ops.zeros((spec.tn, spec.dim), "float32")
         for c0, c1 in _chunks(spec):
-            w = _block(impl.after(kernel, (acc, state)), c0, c1, spec)  # after the last chunk
-            h_c, lab_c = impl.after((h, lab), (acc, state))  # labels: see _chunked._fold_all
+            # after the last chunk (the labels too: see _chunked._fold_all)
+            kernel_c, h_c, lab_c = impl.after((kernel, h, lab), (acc, state))
+            w = _block(kernel_c, c0, c1, spec)
             z = _matmul(impl, h_c, w, spec)
             *folded, e, alpha = fold(z, _bias_chunk(bias, c0, c1), lab_c, _i32(c0), *state)
             state = tuple(folded)
