@@ -37,9 +37,11 @@ import tensorflow as tf
 
 from keras_ce_plugin.large_vocab import _tensorflow as impl
 from keras_ce_plugin.large_vocab._chunked import (
+    _back,
     _chunk_rows,
     _chunks,
     _finish,
+    _matmul,
     _Rows,
     _Spec,
     _unsort,
@@ -99,7 +101,7 @@ def _cap_kernel(cap: float):
 
 
 def _logits(h: Any, kernel: Any, bias: Any, spec: _Spec) -> Any:
-    z = impl.mm_nt(h, kernel) if spec.transpose else tf.matmul(h, kernel)
+    z = _matmul(impl, h, kernel, spec)
     return z if bias is None else tf.nn.bias_add(z, bias)
 
 
@@ -162,7 +164,7 @@ def grads_in_forward(rows: _Rows, kernel: Any, bias: Any, spec: _Spec, kernel_gr
             hot = r * tf.ones_like(u) if keep is None else r * tf.gather_nd(keep, idx)
         if keep is not None:
             g = g * keep
-        dh = tf.matmul(g, kernel) if spec.transpose else impl.mm_nt(g, kernel)  # (tn, d)
+        dh = _back(impl, g, kernel, spec)  # (tn, d)
         if hot is not None:
             dh = dh + hot[:, None] * _label_columns(kernel, lab, spec)
         dh = a[:, None] * dh
