@@ -297,9 +297,8 @@ def _fold_all(impl, h, lab, kernel, bias, spec: _Spec, keep: bool):
     state = _init_state(spec.tn)
     kept = []
     for c0, c1 in _chunks(spec):
-        # after the whole previous fold; the labels too: XLA would otherwise compute every
-        # chunk's one-hot mask (which depends on the labels alone) up front and keep them
-        # all (tn x V booleans)
+        # after the previous fold; the labels too, or XLA computes every chunk's one-hot
+        # mask (it depends on the labels alone) up front and keeps them all (tn x V)
         kernel_c, h_c, lab_c = impl.after((kernel, h, lab), state)
         w = _block(kernel_c, c0, c1, spec)
         z = _matmul(impl, h_c, w, spec)
