@@ -18,9 +18,11 @@ copy:
   gradient, once at the end.
 
 The kernel gradient is added one vocabulary block at a time (``d x tv``, never
-``d x V``) into one buffer, in place. Three matmul passes, as the naive loss, and
-nothing recomputed; the price is re-reading the ``d x V`` gradient once per token
-chunk, which is why the chunks keep whole rows under a larger budget (``_sizes``).
+``d x V``) into one buffer, in place; each block's add (memory-bound, and run row by
+row by TensorFlow) overlaps the next block's matmul, so two blocks are alive. Three
+matmul passes, as the naive loss, and nothing recomputed; the price is re-reading the
+``d x V`` gradient once per token chunk, which is why the chunks keep whole rows
+under a larger budget (``_sizes``).
 A soft cap adds its ``tanh`` and its derivative (one fused kernel) and one product.
 
 Used where :func:`supported` holds: float32 matmuls, no gradient filtering, and not a
@@ -214,11 +216,13 @@ def grads_in_forward(rows: _Rows, kernel: Any, bias: Any, spec: _Spec, kernel_gr
 
 def _add_kernel_grad(dk: Any, g: Any, ha: Any, lab: Any, hot: Any, spec: _Spec) -> Any:
     """``dk`` plus this chunk's kernel gradient ``ha.T @ (g + hot * onehot)``, one
-    vocabulary chunk of ``g`` at a time (a ``d x tv`` product, never ``d x V``), each
-    after the previous one is added (one column block alive at a time)."""
+    vocabulary chunk of ``g`` at a time (a ``d x tv`` product, never ``d x V``): each
+    product once the previous one is computed and the one before it added (two
+    column blocks alive at a time)."""
     tn = int(g.shape[0])
+    added, deps = [dk], [dk]
     for c0, c1 in _chunks(spec):
-        block = impl.after(g, dk)[:, c0:c1]  # a copy of tn x tv
+        block = impl.after(g, deps)[:, c0:c1]  # a copy of tn x tv
         if hot is not None:
             inside = tf.logical_and(lab >= c0, lab < c1)
             where = tf.stack([tf.range(tn), tf.clip_by_value(lab - c0, 0, c1 - c0 - 1)], axis=1)
@@ -229,4 +233,8 @@ def _add_kernel_grad(dk: Any, g: Any, ha: Any, lab: Any, hot: Any, spec: _Spec) 
             else tf.matmul(ha, block, transpose_a=True)
         )
         dk = impl.add_kernel_grad(dk, part, c0, spec.dim, spec.vocab, spec.tv, spec.transpose)
+        # The add overlaps the next block's matmul, which waits for this product (one
+        # matmul at a time) and the previous add (at most two products alive).
+        deps = [part, added[-1]]
+        added.append(dk)
     return dk
