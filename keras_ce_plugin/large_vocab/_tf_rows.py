@@ -220,7 +220,7 @@ def _add_kernel_grad(dk: Any, g: Any, ha: Any, lab: Any, hot: Any, spec: _Spec) 
     product once the previous one is computed and the one before it added (two
     column blocks alive at a time)."""
     tn = int(g.shape[0])
-    added, deps = [dk], [dk]
+    deps = [dk]
     for c0, c1 in _chunks(spec):
         block = impl.after(g, deps)[:, c0:c1]  # a copy of tn x tv
         if hot is not None:
@@ -232,9 +232,8 @@ def _add_kernel_grad(dk: Any, g: Any, ha: Any, lab: Any, hot: Any, spec: _Spec) 
             if spec.transpose
             else tf.matmul(ha, block, transpose_a=True)
         )
-        dk = impl.add_kernel_grad(dk, part, c0, spec.dim, spec.vocab, spec.tv, spec.transpose)
         # The add overlaps the next block's matmul, which waits for this product (one
         # matmul at a time) and the previous add (at most two products alive).
-        deps = [part, added[-1]]
-        added.append(dk)
+        deps = [part, dk]
+        dk = impl.add_kernel_grad(dk, part, c0, spec.dim, spec.vocab, spec.tv, spec.transpose)
     return dk
