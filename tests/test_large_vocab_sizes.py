@@ -41,6 +41,34 @@ def test_chunk_sizes_fit_the_budget(tokens, dim, vocab, budget):
     assert tn == tokens or _is_pow2(tn)
 
 
+# What each gradient-in-forward pass holds beside its token chunk's hidden rows, in
+# float32 buffers (the passes' modules): (tn x V rows, d x tv products, tn x tv copies).
+_ROW_PASSES = {
+    "tf_own": (1, 2, 1),  # the row; a block's product being added while the next is made
+    "tf_own_capped": (2, 2, 1),  # + the soft cap's derivative row
+    "torch_own": (1, 0, 0),  # addmm_ accumulates in place: no blocks
+    "generic": (2, 1, 0),  # logits row and its gradient
+}
+
+
+@pytest.mark.parametrize("held", list(_ROW_PASSES.values()), ids=list(_ROW_PASSES))
+@pytest.mark.parametrize("tokens", [300, 4096, None])
+@pytest.mark.parametrize("dim", [128, 512, 1024, 4096])
+@pytest.mark.parametrize("vocab", [32768, 131072, 262144])
+def test_row_pass_sizes_fit_the_default_row_budget(held, tokens, dim, vocab):
+    """A pass that keeps whole logits rows gets chunks whose rows, blocks and token
+    rows fit its default budget (256 MiB) unless 16-token chunks of 256 columns already
+    exceed it; TensorFlow's pass at 1024 x 131,072 counts its two kernel-gradient blocks
+    (it once got 16,384 columns, 72M elements against 67M)."""
+    rows, products, copies = held
+    tn, tv = chunk_sizes(
+        tokens, dim, vocab, row_buffers=rows, kernel_blocks=products, row_blocks=copies
+    )
+    used = rows * tn * vocab + products * dim * tv + copies * tn * tv + 3 * tn * dim
+    assert used <= 256 * 2**20 / 4 or (tn == 16 and tv == 256), (tn, tv, used)
+    assert _is_pow2(tv) and (tn == tokens or _is_pow2(tn))
+
+
 def test_chunk_sizes_keep_given_sizes_and_fewer_tokens_widen_the_vocab_chunk():
     assert chunk_sizes(4096, 512, 131072, token_chunk_size=100)[0] == 100
     assert chunk_sizes(4096, 512, 131072, vocab_chunk_size=300)[1] == 300

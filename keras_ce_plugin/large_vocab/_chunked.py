@@ -17,7 +17,7 @@ import keras
 from keras import ops
 
 from keras_ce_plugin.large_vocab._checks import _check_cap, _check_precision
-from keras_ce_plugin.large_vocab._sizes import chunk_sizes, static_rows
+from keras_ce_plugin.large_vocab._sizes import Held, static_rows
 from keras_ce_plugin.losses import _check_ignore_class, _check_label_smoothing
 
 _HALF = ("float16", "bfloat16")
@@ -75,7 +75,7 @@ def _to(x: Any, dtype: str) -> Any:
 
 
 def _spec(
-    hidden, kernel, bias, transpose, cap, smoothing, tn, tv, row_buffers, budget=None
+    hidden, kernel, bias, transpose, cap, smoothing, tn, tv, held: Held, budget=None
 ) -> _Spec:
     if not isinstance(transpose, bool):
         raise TypeError(
@@ -96,15 +96,7 @@ def _spec(
         raise ValueError(
             f"`bias` must have shape ({vocab},). Received: bias.shape={tuple(bias.shape)}"
         )
-    tn, tv = chunk_sizes(
-        static_rows(hidden),
-        int(dim),
-        int(vocab),
-        chunk_budget_mib=budget,
-        token_chunk_size=tn,
-        vocab_chunk_size=tv,
-        row_buffers=row_buffers,
-    )
+    tn, tv = held.sizes(static_rows(hidden), int(dim), int(vocab), budget, tn, tv)
     return _Spec(int(dim), int(vocab), transpose, _check_cap(cap), smoothing, tn, tv)
 
 

@@ -4,9 +4,12 @@ One token chunk of ``tn`` rows against one vocabulary chunk of ``tv`` columns ho
 in float32: the logits chunk and its gradient (``2 tn tv``), the kernel block as
 the matmul reads it (``d tv``) and the token chunk's hidden rows, hidden gradient and
 accumulator (``3 tn d``). Gradient-in-forward (``strategy="in_forward"``) keeps a
-token chunk's whole logits row instead: ``row_buffers`` of ``tn V`` (2 in the generic
-pass, the logits and their gradient; 1 in the TensorFlow and torch backends' own
-passes, which write the gradient over the logits, 2 with a soft cap), under a default
+token chunk's whole logits row instead (:class:`Held`): ``rows`` buffers of ``tn V``
+(2 in the generic pass, the logits and their gradient; 1 in the TensorFlow and torch
+backends' own passes, which write the gradient over the logits, 2 with a soft cap),
+beside ``products`` ``d x tv`` kernel-gradient blocks (TensorFlow's own pass: 2, one
+being added while the next is computed; torch's: none, its GEMM accumulates in place)
+and ``copies`` ``tn x tv`` blocks copied out of the row for them, under a default
 budget four times as large: such a pass adds the kernel gradient once per token chunk,
 re-reading the whole ``d x V`` buffer, so its token chunks must not shrink to a few
 dozen rows. The sizes are powers of two so that every chunk but the last has one shape
@@ -16,6 +19,7 @@ dozen rows. The sizes are powers of two so that every chunk but the last has one
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 DEFAULT_TOKEN_CHUNK = 4096
 DEFAULT_CHUNK_BUDGET_MIB = 64.0
@@ -26,6 +30,30 @@ PREFERRED_VOCAB_CHUNK = 1024  # the CPU sweep's width: tokens shrink before colu
 MAX_VOCAB_CHUNK = 16384
 
 __all__ = ["DEFAULT_CHUNK_BUDGET_MIB", "chunk_sizes"]
+
+
+class Held(NamedTuple):
+    """What a pass holds per token chunk beside its hidden rows, in float32 buffers:
+    ``rows`` of ``(tn, V)`` (0: a recomputing pass), ``products`` of ``d x tv`` and
+    ``copies`` of ``tn x tv`` (see the module)."""
+
+    rows: int = 0
+    products: int = 1
+    copies: int = 0
+
+    def sizes(self, tokens, dim, vocab, budget, tn, tv) -> tuple[int, int]:
+        """:func:`chunk_sizes` for a pass that holds this."""
+        return chunk_sizes(
+            tokens,
+            dim,
+            vocab,
+            chunk_budget_mib=budget,
+            token_chunk_size=tn,
+            vocab_chunk_size=tv,
+            row_buffers=self.rows,
+            kernel_blocks=self.products,
+            row_blocks=self.copies,
+        )
 
 
 def static_rows(hidden) -> int | None:
@@ -48,6 +76,8 @@ def chunk_sizes(
     token_chunk_size: int | None = None,
     vocab_chunk_size: int | None = None,
     row_buffers: int = 0,
+    kernel_blocks: int = 1,
+    row_blocks: int = 0,
 ) -> tuple[int, int]:
     """The ``(token_chunk_size, vocab_chunk_size)`` that ``linear_ce`` uses.
 
@@ -58,7 +88,8 @@ def chunk_sizes(
     holds (256 to 16,384, at most ``vocab``). Fewer tokens per batch thus get wider
     vocabulary chunks: fewer, larger matmuls. ``row_buffers`` is the number of
     ``(tokens chunk, V)`` buffers a gradient-in-forward pass keeps (0: recomputation);
-    such a pass defaults to four times the budget (256 MiB).
+    such a pass defaults to four times the budget (256 MiB) and holds beside its rows
+    ``kernel_blocks`` ``d x tv`` blocks and ``row_blocks`` ``tn x tv`` ones (the module).
 
     >>> chunk_sizes(4096, 512, 131072)
     (4096, 1024)
@@ -67,14 +98,18 @@ def chunk_sizes(
     >>> chunk_sizes(4096, 512, 131072, chunk_budget_mib=16)
     (1024, 1024)
     """
-    default = DEFAULT_CHUNK_BUDGET_MIB * (ROW_BUDGET_FACTOR if row_buffers else 1)
+    held = Held(row_buffers, kernel_blocks, row_blocks) if row_buffers else Held()
+    default = DEFAULT_CHUNK_BUDGET_MIB * (ROW_BUDGET_FACTOR if held.rows else 1)
     budget = (chunk_budget_mib or default) * 2**20 / 4  # float32 elements
     cap = DEFAULT_TOKEN_CHUNK if tokens is None else max(1, min(DEFAULT_TOKEN_CHUNK, tokens))
 
+    def per_column(tn: int) -> int:  # elements per vocabulary column of a chunk
+        if held.rows:  # the whole logits row of the token chunk is kept
+            return held.products * dim + held.copies * tn
+        return 2 * tn + dim
+
     def need(tn: int, tv: int) -> int:
-        if row_buffers:  # the whole logits row of the token chunk is kept
-            return row_buffers * tn * vocab + dim * tv + 3 * tn * dim
-        return 2 * tn * tv + dim * tv + 3 * tn * dim
+        return held.rows * tn * vocab + per_column(tn) * tv + 3 * tn * dim
 
     tn = token_chunk_size
     if tn is None:
@@ -88,8 +123,6 @@ def chunk_sizes(
         tn = max(1, min(tn, tokens))
     tv = vocab_chunk_size
     if tv is None:
-        room = (budget - 3 * tn * dim - row_buffers * tn * vocab) / (
-            dim + (0 if row_buffers else 2 * tn)
-        )
+        room = (budget - need(tn, 0)) / max(1, per_column(tn))
         tv = max(MIN_VOCAB_CHUNK, min(MAX_VOCAB_CHUNK, _pow2_floor(room)))
     return int(tn), int(min(tv, vocab))

@@ -48,6 +48,7 @@ from keras_ce_plugin.large_vocab._chunked import (
     _Spec,
     _unsort,
 )
+from keras_ce_plugin.large_vocab._sizes import Held
 
 # Stands in for a row factor ``1 + 2 * z_loss * lse`` that is exactly 0, so that the
 # row's one-hot part, divided by it and multiplied back, survives (``_factors``): the
@@ -85,10 +86,12 @@ def grad_enabled() -> bool:
     return bool(record.could_possibly_record())
 
 
-def row_buffers(capped: bool) -> int:
-    """The ``(tn, V)`` float32 buffers this pass keeps: the logits (their gradient is
-    written over them) and, with a soft cap, its derivative."""
-    return 2 if capped else 1
+def held(capped: bool) -> Held:
+    """What this pass holds per token chunk (``_sizes``): the logits row (its gradient
+    is written over it) and, with a soft cap, its derivative; two ``d x tv`` kernel-
+    gradient blocks (one being added while the next is computed) and the ``tn x tv``
+    copy of the row that the next one reads."""
+    return Held(rows=2 if capped else 1, products=2, copies=1)
 
 
 @functools.lru_cache(maxsize=16)

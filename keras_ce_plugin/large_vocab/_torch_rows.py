@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from keras_ce_plugin.large_vocab._chunked import _finish, _Rows, _Spec, _unsort
+from keras_ce_plugin.large_vocab._sizes import Held
 
 
 def supported(spec: _Spec) -> bool:
@@ -38,10 +39,11 @@ def grad_enabled() -> bool:
     return torch.is_grad_enabled()
 
 
-def row_buffers(capped: bool) -> int:
-    """The ``(tn, V)`` float32 buffers this pass keeps: the logits (overwritten in place
-    by their gradient) and, with a soft cap, its derivative."""
-    return 2 if capped else 1
+def held(capped: bool) -> Held:
+    """What this pass holds per token chunk (``_sizes``): the logits row (overwritten
+    in place by its gradient) and, with a soft cap, its derivative; no blocks (its
+    GEMM adds the kernel gradient in place)."""
+    return Held(rows=2 if capped else 1, products=0, copies=0)
 
 
 def _logits(h: Any, kernel: Any, bias: Any, spec: _Spec, out: Any) -> Any:

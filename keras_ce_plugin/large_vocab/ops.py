@@ -50,6 +50,7 @@ from keras_ce_plugin.large_vocab._chunked import (
     _unsort,
     _upstream,
 )
+from keras_ce_plugin.large_vocab._sizes import Held
 
 __all__ = ["fused_linear_ce_parts", "fused_linear_ce_sum", "linear_ce"]
 
@@ -66,7 +67,7 @@ def _prepare(
     token_chunk_size: int | None,
     vocab_chunk_size: int | None,
     *,
-    row_buffers: int,
+    held: Held,
     z_loss: float = 0.0,
     chunk_budget_mib: float | None = None,
     matmul_precision: str = "float32",
@@ -85,7 +86,7 @@ def _prepare(
         smoothing,
         _check_chunk("token_chunk_size", token_chunk_size),
         _check_chunk("vocab_chunk_size", vocab_chunk_size),
-        row_buffers,
+        held,
         budget=_check_budget(chunk_budget_mib),
     )
     mm_dtype = _mm_dtype(hidden, kernel, matmul_precision)
@@ -173,7 +174,7 @@ def linear_ce(
         logit_soft_cap,
         token_chunk_size,
         vocab_chunk_size,
-        row_buffers=0,
+        held=Held(),
         z_loss=z_loss,
         chunk_budget_mib=chunk_budget_mib,
         matmul_precision=matmul_precision,
@@ -324,7 +325,7 @@ def fused_linear_ce_parts(
     given_kernel = kernel  # a Keras variable carries its layout (sharded path)
     impl = _backend()
 
-    def prepare(row_buffers: int):
+    def prepare(held: Held):
         return _prepare(
             hidden,
             kernel,
@@ -336,7 +337,7 @@ def fused_linear_ce_parts(
             logit_soft_cap,
             token_chunk_size,
             vocab_chunk_size,
-            row_buffers=row_buffers,
+            held=held,
             z_loss=z_loss,
             chunk_budget_mib=chunk_budget_mib,
             matmul_precision=matmul_precision,
