@@ -109,6 +109,15 @@ def _block(kernel, c0: int, c1: int, spec: _Spec):
     return _to(blk, spec.mm_dtype)
 
 
+def _after(impl, dep, kernel, h, lab, c0: int, c1: int, spec: _Spec):
+    """The chunk's kernel block, hidden rows and labels, once ``dep`` (the previous
+    chunk's results) is computed: one chunk at a time. The labels too, or XLA computes
+    every chunk's one-hot mask (it depends on the labels alone) up front and keeps
+    them all (``tn x V``)."""
+    kernel, h, lab = impl.after((kernel, h, lab), dep)
+    return _block(kernel, c0, c1, spec), h, lab
+
+
 def _matmul(impl, h, w, spec: _Spec):
     """Pre-bias logits of one chunk, ``(tn, w)`` float32."""
     return _to(impl.mm_nt(h, w) if spec.transpose else ops.matmul(h, w), "float32")
@@ -289,10 +298,7 @@ def _fold_all(impl, h, lab, kernel, bias, spec: _Spec, keep: bool):
     state = _init_state(spec.tn)
     kept = []
     for c0, c1 in _chunks(spec):
-        # after the previous fold; the labels too, or XLA computes every chunk's one-hot
-        # mask (it depends on the labels alone) up front and keeps them all (tn x V)
-        kernel_c, h_c, lab_c = impl.after((kernel, h, lab), state)
-        w = _block(kernel_c, c0, c1, spec)
+        w, h_c, lab_c = _after(impl, state, kernel, h, lab, c0, c1, spec)
         z = _matmul(impl, h_c, w, spec)
         state = fold(z, _bias_chunk(bias, c0, c1), lab_c, _i32(c0), *state)
         if keep:
@@ -357,8 +363,7 @@ def _grads(impl, rows: _Rows, kernel, bias, spec: _Spec, lse_b, fused: bool, ker
         limit = spec.filter_eps * ops.max(ops.abs(u)) if spec.filter_eps else None
         prev: tuple = (dk,)  # everything the previous chunk computed
         for k, (c0, c1) in enumerate(chunks):
-            kernel_c, h_c, lab_c = impl.after((kernel, h, lab), prev)  # see _fold_all
-            w = _block(kernel_c, c0, c1, spec)
+            w, h_c, lab_c = _after(impl, prev, kernel, h, lab, c0, c1, spec)
             z = kept[k] if fused else _matmul(impl, h_c, w, spec)
             g, g_sum, *big = dlogits(z, _bias_chunk(bias, c0, c1), lab_c, _i32(c0), lse, u)
             live = big[0] > limit if big else None  # filter_eps: skip a negligible block

@@ -22,6 +22,7 @@ import keras
 from keras import ops
 
 from keras_ce_plugin.large_vocab._chunked import (
+    _after,
     _back,
     _bias_chunk,
     _block,
@@ -76,9 +77,7 @@ def forward(impl, rows: _Rows, kernel, bias, spec: _Spec):
         state = _init_state(spec.tn)
         acc = ops.zeros((spec.tn, spec.dim), "float32")
         for c0, c1 in _chunks(spec):
-            # after the last chunk (the labels too: see _chunked._fold_all)
-            kernel_c, h_c, lab_c = impl.after((kernel, h, lab), (acc, state))
-            w = _block(kernel_c, c0, c1, spec)
+            w, h_c, lab_c = _after(impl, (acc, state), kernel, h, lab, c0, c1, spec)
             z = _matmul(impl, h_c, w, spec)
             *folded, e, alpha = fold(z, _bias_chunk(bias, c0, c1), lab_c, _i32(c0), *state)
             state = tuple(folded)
