@@ -4,12 +4,12 @@ One token chunk of ``tn`` rows against one vocabulary chunk of ``tv`` columns ho
 in float32: the logits chunk and its gradient (``2 tn tv``), the kernel block as
 the matmul reads it (``d tv``) and the token chunk's hidden rows, hidden gradient and
 accumulator (``3 tn d``). Gradient-in-forward (``strategy="in_forward"``) keeps a
-token chunk's whole logits row instead (:class:`Held`): ``rows`` buffers of ``tn V``
+token chunk's whole logits row instead (:class:`Held`): ``row_buffers`` of ``tn V``
 (2 in the generic pass, the logits and their gradient; 1 in the TensorFlow and torch
 backends' own passes, which write the gradient over the logits, 2 with a soft cap),
-beside ``products`` ``d x tv`` kernel-gradient blocks (TensorFlow's own pass: 2, one
-being added while the next is computed; torch's: none, its GEMM accumulates in place)
-and ``copies`` ``tn x tv`` blocks copied out of the row for them, under a default
+beside ``kernel_blocks`` of ``d x tv`` (kernel-gradient blocks; TensorFlow's own pass:
+2, one being added while the next is computed; torch's: none, its GEMM accumulates in
+place) and ``row_blocks`` of ``tn x tv`` (copied out of the row for them), under a default
 budget four times as large: such a pass adds the kernel gradient once per token chunk,
 re-reading the whole ``d x V`` buffer, so its token chunks must not shrink to a few
 dozen rows. The sizes are powers of two so that every chunk but the last has one shape
@@ -34,12 +34,12 @@ __all__ = ["DEFAULT_CHUNK_BUDGET_MIB", "chunk_sizes"]
 
 class Held(NamedTuple):
     """What a pass holds per token chunk beside its hidden rows, in float32 buffers:
-    ``rows`` of ``(tn, V)`` (0: a recomputing pass), ``products`` of ``d x tv`` and
-    ``copies`` of ``tn x tv`` (see the module)."""
+    ``row_buffers`` of ``(tn, V)`` (0: a recomputing pass), ``kernel_blocks`` of
+    ``d x tv`` and ``row_blocks`` of ``tn x tv`` (see the module)."""
 
-    rows: int = 0
-    products: int = 1
-    copies: int = 0
+    row_buffers: int = 0
+    kernel_blocks: int = 1
+    row_blocks: int = 0
 
     def sizes(self, tokens, dim, vocab, budget, tn, tv) -> tuple[int, int]:
         """:func:`chunk_sizes` for a pass that holds this."""
@@ -50,9 +50,7 @@ class Held(NamedTuple):
             chunk_budget_mib=budget,
             token_chunk_size=tn,
             vocab_chunk_size=tv,
-            row_buffers=self.rows,
-            kernel_blocks=self.products,
-            row_blocks=self.copies,
+            **self._asdict(),
         )
 
 
@@ -99,17 +97,17 @@ def chunk_sizes(
     (1024, 1024)
     """
     held = Held(row_buffers, kernel_blocks, row_blocks) if row_buffers else Held()
-    default = DEFAULT_CHUNK_BUDGET_MIB * (ROW_BUDGET_FACTOR if held.rows else 1)
+    default = DEFAULT_CHUNK_BUDGET_MIB * (ROW_BUDGET_FACTOR if held.row_buffers else 1)
     budget = (chunk_budget_mib or default) * 2**20 / 4  # float32 elements
     cap = DEFAULT_TOKEN_CHUNK if tokens is None else max(1, min(DEFAULT_TOKEN_CHUNK, tokens))
 
     def per_column(tn: int) -> int:  # elements per vocabulary column of a chunk
-        if held.rows:  # the whole logits row of the token chunk is kept
-            return held.products * dim + held.copies * tn
+        if held.row_buffers:  # the whole logits row of the token chunk is kept
+            return held.kernel_blocks * dim + held.row_blocks * tn
         return 2 * tn + dim
 
     def need(tn: int, tv: int) -> int:
-        return held.rows * tn * vocab + per_column(tn) * tv + 3 * tn * dim
+        return held.row_buffers * tn * vocab + per_column(tn) * tv + 3 * tn * dim
 
     tn = token_chunk_size
     if tn is None:

@@ -59,8 +59,8 @@ def choose(
     ``keeps_rows``: whether a gradient-in-forward pass would run at all (gradients
     wanted, and not a frozen head that the online pass serves). The backend's own pass
     says which settings it computes (``supported``) and, for ``strategy=None``, whether
-    it beats recomputation at these chunk sizes (``worth_it``). ``prepare(n)``
-    validates the inputs and sizes the chunks for a pass that holds ``n``; ``capped``:
+    it beats recomputation at these chunk sizes (``worth_it``). ``prepare(held)``
+    validates the inputs and sizes the chunks for a pass that holds ``held``; ``capped``:
     whether the logits are soft-capped (the backend's pass then keeps one more).
     """
     own = _own()
@@ -78,4 +78,4 @@ def choose(
             return Choice(True, own.grads_in_forward, prepared)
         if strategy is None:  # the backend's pass does not compute these settings
             return Choice(False, None, prepare(Held()))
-    return Choice(True, None, prepare(Held(rows=2)))
+    return Choice(True, None, prepare(Held(row_buffers=2)))

@@ -91,7 +91,7 @@ def held(capped: bool) -> Held:
     is written over it) and, with a soft cap, its derivative; two ``d x tv`` kernel-
     gradient blocks (one being added while the next is computed) and the ``tn x tv``
     copy of the row that the next one reads."""
-    return Held(rows=2 if capped else 1, products=2, copies=1)
+    return Held(row_buffers=2 if capped else 1, kernel_blocks=2, row_blocks=1)
 
 
 @functools.lru_cache(maxsize=16)

@@ -43,7 +43,7 @@ def held(capped: bool) -> Held:
     """What this pass holds per token chunk (``_sizes``): the logits row (overwritten
     in place by its gradient) and, with a soft cap, its derivative; no blocks (its
     GEMM adds the kernel gradient in place)."""
-    return Held(rows=2 if capped else 1, products=0, copies=0)
+    return Held(row_buffers=2 if capped else 1, kernel_blocks=0, row_blocks=0)
 
 
 def _logits(h: Any, kernel: Any, bias: Any, spec: _Spec, out: Any) -> Any:
