@@ -26,7 +26,14 @@ from keras_ce_plugin.large_vocab import (
 )
 
 BACKEND = keras.backend.backend()
-RTOL = 1e-5
+RTOL = 1e-5  # float32 values (loss, log-sum-exp) against the float64 reference
+# float32 gradients: each comes out of a GEMM summing over the vocabulary (dh) or the
+# tokens (dk), whose worst-case rounding bound, gamma_V * max(|g| |K|) / max|dh|, is
+# 1.8e-5 to 2.3e-5 of max|dh| in test_large_vocab_torch's V = 300 problems. A CPU's
+# BLAS may sum in any order within it: one CI machine's MKL gave 1.1e-5 where machine
+# B's gives 4e-7. Dropping a term moves dh there by more: the cap 0.8, smoothing 0.1,
+# ignore_class 0.3, even z_loss=1e-4 1.5e-4 (float64, tests/test_large_vocab_torch.py).
+GRAD_RTOL = 5e-5
 
 
 # --------------------------------------------------------------------------- #
@@ -152,7 +159,7 @@ def test_linear_ce_matches_reference_and_keras(rng, layout):
         val, grads = value_and_grads(fn, *args)
         assert rel_err(val, (loss * w).sum()) <= RTOL, fn.__name__
         for g, e in zip(grads, expected):
-            assert rel_err(g, e) <= RTOL, fn.__name__
+            assert rel_err(g, e) <= GRAD_RTOL, fn.__name__
 
 
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(o) or "plain")
@@ -194,7 +201,7 @@ def test_options_match_reference(rng, options, strategy):
         )
     assert rel_err(val, (loss * w).sum()) <= RTOL
     for g, e in zip(grads, (dh, dk, db)):
-        assert rel_err(g, e) <= RTOL
+        assert rel_err(g, e) <= GRAD_RTOL
 
 
 TIED_OPTIONS = [
@@ -230,7 +237,7 @@ def test_tied_kernel_with_ignore_smoothing_cap_matches_reference(rng, opts, stra
     val, grads = value_and_grads(fn, h, k, b)
     assert rel_err(val, (loss * w).sum()) <= RTOL
     for g, e in zip(grads, (dh, dk, db)):
-        assert g.shape == e.shape and rel_err(g, e) <= RTOL
+        assert g.shape == e.shape and rel_err(g, e) <= GRAD_RTOL
 
 
 @pytest.mark.parametrize("transpose", [False, True], ids=["kernel", "tied"])
@@ -251,8 +258,8 @@ def test_3d_hidden_values_and_gradients_match_reference(rng, transpose):
     ):
         val, (gh, gk, gb) = value_and_grads(fn, h3, k, b)
         assert rel_err(val, (loss * w).sum()) <= RTOL
-        assert gh.shape == (4, 6, 8) and rel_err(gh, dh.reshape(4, 6, 8)) <= RTOL
-        assert rel_err(gk, dk) <= RTOL and rel_err(gb, db) <= RTOL
+        assert gh.shape == (4, 6, 8) and rel_err(gh, dh.reshape(4, 6, 8)) <= GRAD_RTOL
+        assert rel_err(gk, dk) <= GRAD_RTOL and rel_err(gb, db) <= GRAD_RTOL
 
 
 def _to64(x):
@@ -365,7 +372,7 @@ def test_torch_retained_graph_backward_twice(rng, strategy):
     first = torch.autograd.grad(val, (hh, kk), retain_graph=True)
     again = torch.autograd.grad(val, (hh, kk), retain_graph=True)
     for g1, g2, e in zip(first, again, (dh, dk)):
-        assert rel_err(g1, 3 * e) <= RTOL and rel_err(g2, 3 * e) <= RTOL
+        assert rel_err(g1, 3 * e) <= GRAD_RTOL and rel_err(g2, 3 * e) <= GRAD_RTOL
     val.backward(retain_graph=True)
     val.backward()
     for x, e in zip((hh, kk), (dh, dk)):
@@ -776,7 +783,7 @@ def test_tf_xla_jit_compile(rng):
     val, grads = step()
     assert rel_err(val, loss.sum()) <= RTOL
     for g, e in zip(grads, (dh, dk, db)):
-        assert rel_err(g, e) <= RTOL
+        assert rel_err(g, e) <= GRAD_RTOL
 
 
 # (options, token chunk, vocab chunk, transposed kernel, bias) for the frozen head's
@@ -815,7 +822,7 @@ def test_frozen_head_values_and_gradient_match_reference(
     hit = (s.argmax(1) == y) & (y != (ignore if ignore is not None else -99))
     np.testing.assert_array_equal(np.asarray(correct), hit.astype("float32"))
     _, (g,) = value_and_grads(lambda hh: fused_linear_ce_parts(hh, k, y, w, **kw)[0], h)
-    assert rel_err(g, dh) <= RTOL
+    assert rel_err(g, dh) <= GRAD_RTOL
     if eps and cap:
         return
     z = 1e-2  # large enough that a missing term exceeds the tolerance
@@ -828,7 +835,7 @@ def test_frozen_head_values_and_gradient_match_reference(
         extra = extra * (1 - (s / cap) ** 2)
     dh_z = dh + extra @ (k if transpose else k.T).astype(np.float64)
     _, (gz,) = value_and_grads(lambda hh: fused_linear_ce_parts(hh, k, y, w, z_loss=z, **kw)[0], h)
-    assert rel_err(gz, dh_z) <= RTOL
+    assert rel_err(gz, dh_z) <= GRAD_RTOL
 
 
 def test_frozen_kernel_gradient_skipped(rng):
@@ -871,7 +878,7 @@ def test_z_loss_and_lse_match_reference(rng, cap):
     _, (gh, gk) = value_and_grads(
         lambda hh, kk: ops.sum(ops.multiply(linear_ce(hh, kk, y, z_loss=z, **kw), w)), h, k
     )
-    assert rel_err(gh, dh) <= RTOL and rel_err(gk, dk) <= RTOL
+    assert rel_err(gh, dh) <= GRAD_RTOL and rel_err(gk, dk) <= GRAD_RTOL
     logits = h @ k + b
     if cap:
         logits = cap * np.tanh(logits / cap)
