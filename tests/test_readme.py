@@ -57,7 +57,8 @@ def test_ci_reads_its_commands_from_the_readme():
 
 def test_console_script_and_extras_declared():
     pyproject = (REPO / "pyproject.toml").read_text()
-    assert 'keras-ce = "keras_ce_plugin.cli:main"' in pyproject
+    assert 'keras-ce = "keras_ce_cli:main"' in pyproject
+    assert 'py-modules = ["keras_ce_cli"]' in pyproject  # the entry point is installed
     for extra in ("export", "dev", "jax", "torch"):
         assert re.search(rf"^{extra} = ", pyproject, re.M), extra
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import sys
 from collections.abc import Sequence
 
@@ -93,7 +92,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     del args.handler, args.check, args.extra
     if check is not None:
         check(parser, args)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     for module in _REQUIRES.get(args.command, ()):
         if _missing(module):
             print_error(missing_extra_message(args.command, module, extra))

@@ -1,4 +1,5 @@
-"""``python -m keras_ce_plugin.cli``: the same as the ``keras-ce`` console script."""
+"""``python -m keras_ce_plugin.cli``: the ``keras-ce`` commands (the console script,
+``keras_ce_cli``, also drops TensorFlow's start-up notices)."""
 
 import sys
 
