@@ -14,8 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from keras_ce_cli import tensorflow_notices_dropped
 
 SCRIPT = Path(sys.executable).with_name("keras-ce")
@@ -27,20 +25,13 @@ def _run(argv: list[str], cwd: Path, **env_vars: str) -> subprocess.CompletedPro
     return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize(
-    ("args", "error"),
-    [
-        (["predict", "model.keras", "missing.png"], "keras-ce: error: "),
-        (["check-loss", "customloss>NoSuchLoss"], "keras-ce: error: "),
-    ],
-    ids=["predict-missing-file", "check-loss-unknown-name"],
-)
-def test_an_error_is_the_only_line_on_stderr(tmp_path, args, error):
+def test_an_error_is_the_only_line_on_stderr(tmp_path):
+    args = ["predict", "model.keras", "missing.png"]
     assert SCRIPT.exists(), f"{SCRIPT} is missing: install with README command 1"
     proc = _run([str(SCRIPT), *args], tmp_path)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(error), proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("keras-ce: error: "), proc.stderr
     assert proc.stdout == ""
     # The control, without the entry point but with the log level it sets: the same
     # error line, beside whatever TensorFlow printed on loading (notices only: nothing
