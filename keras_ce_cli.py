@@ -12,10 +12,12 @@ Everything else written then (an error, a Python warning) still reaches it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
 import tempfile
+from collections.abc import Iterator
 
 # TensorFlow's log level for the command and the processes it starts: errors reach
 # the user as exceptions, and CUDA builds log one at the first op on a machine
@@ -44,20 +46,22 @@ def tensorflow_notices_dropped(text: str) -> str:
     return "".join(line for line in text.splitlines(keepends=True) if not _TF_NOTICE.match(line))
 
 
-def _import_cli():
-    """``keras_ce_plugin.cli``, imported with TensorFlow's start-up notices dropped."""
+@contextlib.contextmanager
+def _stderr_without_tensorflow_notices() -> Iterator[None]:
+    """Within: file descriptor 2 goes to a temporary file, written back to standard
+    error on the way out with TensorFlow's notices dropped (unchanged where standard
+    error has no file descriptor)."""
     try:
         fd = sys.stderr.fileno()
     except (AttributeError, OSError, ValueError):  # no file behind stderr: nothing to drop
-        import keras_ce_plugin.cli
-
-        return keras_ce_plugin.cli
+        yield
+        return
     sys.stderr.flush()
     saved = os.dup(fd)
     with tempfile.TemporaryFile() as caught:
         os.dup2(caught.fileno(), fd)
         try:
-            import keras_ce_plugin.cli
+            yield
         finally:
             sys.stderr.flush()
             os.dup2(saved, fd)
@@ -65,13 +69,14 @@ def _import_cli():
             caught.seek(0)
             sys.stderr.write(tensorflow_notices_dropped(caught.read().decode(errors="replace")))
             sys.stderr.flush()
-    return keras_ce_plugin.cli
 
 
 def main() -> int:
     """Runs ``keras-ce`` (:func:`keras_ce_plugin.cli.main`); returns the exit status."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", TF_LOG_LEVEL)
-    return _import_cli().main()
+    with _stderr_without_tensorflow_notices():
+        import keras_ce_plugin.cli
+    return keras_ce_plugin.cli.main()
 
 
 if __name__ == "__main__":  # pragma: no cover
