@@ -131,6 +131,12 @@ def after(x: Any, dep: Any) -> Any:
         return tf.nest.map_structure(tf.identity, x)
 
 
+def take(held: list) -> Any:
+    """The forward pass's gradients, for the backward pass (kept: a gradient function
+    may be traced more than once)."""
+    return held[0]
+
+
 def scale(g: Any, factor: Any) -> Any:
     """``g * factor``; ``g`` itself (no copy of a kernel-sized gradient) when it is 1."""
     factor = tf.cast(factor, g.dtype)

@@ -70,6 +70,14 @@ def after(x: Any, dep: Any) -> Any:
     return x
 
 
+def take(held: list) -> Any:
+    """The forward pass's gradients, handed to the backward pass once (``pop``): with
+    no reference left here, autograd keeps the kernel gradient as the variable's
+    ``.grad`` itself (a gradient that something else still holds, it copies). A
+    retained graph's next backward pass recomputes them."""
+    return held.pop()
+
+
 def scale(g: Any, factor: Any) -> Any:
     """``g * factor``; ``g`` itself when the factor is 1 (no copy of a kernel-sized gradient)."""
     factor = torch.as_tensor(factor, dtype=g.dtype, device=g.device)

@@ -148,7 +148,7 @@ class LinearCEModel(keras.Model):
             tied = head.tie_weights
             kernel = head.embeddings if tied else head.reverse_embeddings
             if tied and getattr(self, "_tied_kernel", None) is not None:
-                kernel = self._tied_kernel  # read through _tied_tf's watched tensor
+                kernel = self._tied_kernel  # the head's own read (_tied_tf, _tied_torch)
             weights = {
                 "kernel": kernel,
                 "bias": None,
@@ -168,9 +168,9 @@ class LinearCEModel(keras.Model):
         return weights
 
     def train_step(self, *args: Any) -> Any:
-        """Keras' step (``(data)``; ``(state, data)`` on JAX); on TensorFlow with a
-        trainable tied head and the fused loss, the embedding's two gradients share
-        one buffer (``_tied_tf``)."""
+        """Keras' step (``(data)``; ``(state, data)`` on JAX); on TensorFlow and torch
+        with a trainable tied head and the fused loss, the embedding's two gradients
+        share one buffer (``_tied_tf``, ``_tied_torch``)."""
         head = self.head
         tied = (
             isinstance(head, keras.layers.ReversibleEmbedding)
@@ -184,6 +184,12 @@ class LinearCEModel(keras.Model):
             if _tied_tf.applies(self):
                 (data,) = args  # TensorFlow's step takes the batch only
                 return _tied_tf.train_step(self, data, head.embeddings)
+        if tied and keras.backend.backend() == "torch":
+            from keras_ce_plugin.large_vocab import _tied_torch
+
+            if _tied_torch.applies(self):
+                (data,) = args  # torch's step takes the batch only
+                return _tied_torch.train_step(self, data, head.embeddings)
         return super().train_step(*args)
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):

@@ -399,29 +399,34 @@ def fused_linear_ce_parts(
     def run(h, k, b):
         h2 = ops.reshape(h, (-1, spec.dim))
         rows = _rows(h2, safe, active, u, spec, sort=True)
-        if not choice.in_forward:
-            loss_b, lse_b, amax_b = _forward(impl, rows, k, b, spec)
-            parts = correct_of(rows, loss_b, lse_b, amax_b)
 
+        def recomputed(lse_b):  # the gradients in the backward pass, from the lse
             def grad(*args, upstream=None):
                 up = ops.cast(_upstream(args, upstream), "float32")
                 scaled = rows._replace(u=rows.u * up)
                 dh, dk, db, *_ = _grads(impl, scaled, k, b, spec, lse_b, False, kernel_grad)
                 return _out_grads(h, k, b if kernel_grad else None, dh, dk, db)
 
-            return parts, grad
+            return grad
+
+        if not choice.in_forward:
+            loss_b, lse_b, amax_b = _forward(impl, rows, k, b, spec)
+            return correct_of(rows, loss_b, lse_b, amax_b), recomputed(lse_b)
 
         if choice.native is not None:
-            dh, dk, db, loss_b, lse_b, amax_b = choice.native(rows, k, b, spec, kernel_grad)
+            found = choice.native(rows, k, b, spec, kernel_grad)
         else:
-            dh, dk, db, loss_b, lse_b, amax_b = _grads(
-                impl, rows, k, b, spec, None, True, kernel_grad
-            )
+            found = _grads(impl, rows, k, b, spec, None, True, kernel_grad)
+        loss_b, lse_b, amax_b = found[3:]
         parts = correct_of(rows, loss_b, lse_b, amax_b)
+        held = [found[:3]]  # (dh, dk, db), for `impl.take`
+        again = recomputed(lse_b)
 
         def grad_in_forward(*args, upstream=None):
+            if not held:  # torch: a retained graph's next backward pass
+                return again(*args, upstream=upstream)
             up = ops.cast(_upstream(args, upstream), "float32")
-            grads = _out_grads(h, k, b if kernel_grad else None, dh, dk, db)
+            grads = _out_grads(h, k, b if kernel_grad else None, *impl.take(held))
             return tuple(impl.scale(g, up) for g in grads)
 
         return parts, grad_in_forward
