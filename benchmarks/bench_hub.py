@@ -11,8 +11,7 @@ Two models, each method in its own process (TensorFlow):
   benchmark's shapes.
 
 ``--frozen`` freezes the head (as LoRA or a frozen embedding leaves it).
-``--backend jax`` or ``torch`` (``--model dense`` only on torch: keras-hub is tested on
-TensorFlow and JAX) runs the same there, where memory is the process RSS high-water
+``--backend jax`` or ``torch`` runs the same there, where memory is the process RSS high-water
 mark of a step after the warm-up (large blocks are returned to the system when freed,
 so each step shows its own peak) in both columns.
 
@@ -202,8 +201,6 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.backend != "tensorflow" and args.memory_limit:
         p.error(f"--backend {args.backend}: --memory-limit needs TensorFlow")
-    if args.backend == "torch" and args.model != "dense":
-        p.error("--backend torch: --model dense only")
     if args.child:
         _child(args)
         return
