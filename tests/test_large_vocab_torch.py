@@ -86,6 +86,7 @@ def _needs_torch():
 @pytest.fixture
 def spy(monkeypatch):
     """Counts the calls of torch's own pass."""
+    _needs_torch()  # before the import: torch may not be installed
     from keras_ce_plugin.large_vocab import _torch_rows
 
     return spy_on(monkeypatch, _torch_rows)
