@@ -110,6 +110,47 @@ def test_tf_pass_matches_float64_reference(rng, spy, name, transpose, tv, graph)
         assert rel_err(got, want) < GRAD_RTOL
 
 
+@pytest.mark.parametrize("graph", [None, "graph", "xla"])
+@pytest.mark.parametrize("case", ["random", "all_tied", "two_tied"])
+def test_tf_pass_token_accuracy_is_argmax_first_index(rng, spy, case, graph):
+    """``correct`` from TensorFlow's own pass is ``argmax(logits) == label``, with
+    ``argmax``'s first index on ties (as Keras' accuracy): a zero kernel ties every
+    column (only label 0 is right); a bias with two equal maxima at columns 3 and 7
+    makes label 3 right and label 7 wrong; random logits with a third of the labels set
+    to the row's argmax."""
+    h, k, _, y, u = _problem(rng, {}, False)
+    b = None
+    if case != "random":
+        k = np.zeros_like(k)
+        y[::3] = 0 if case == "all_tied" else 3
+        y[1::3] = 7
+    if case == "two_tied":
+        b = np.zeros(k.shape[1], "float32")
+        b[[3, 7]] = 1.0
+    logits = h.astype("float64") @ k.astype("float64") + (0.0 if b is None else b)
+    if case == "random":
+        y[::3] = logits[::3].argmax(1)
+    expected = (logits.argmax(1) == y).astype("float32")
+    assert 0 < expected.sum() < len(y), "the case must have right and wrong rows"
+    kw = _kwargs({}, False, vocab_chunk_size=64, strategy="in_forward")
+    args = (h, k, y, u)
+
+    def correct():
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            hh = tf.constant(h)
+            tape.watch(hh)
+            return fused_linear_ce_parts(hh, *args[1:], bias=b, **kw)[1]
+
+    if graph:
+        import tensorflow as tf
+
+        correct = tf.function(correct, jit_compile=graph == "xla")
+    np.testing.assert_array_equal(np.asarray(correct()), expected)
+    assert spy, "strategy='in_forward' did not take TensorFlow's own pass"
+
+
 @pytest.mark.parametrize(
     ("opts", "extra", "own"),
     [

@@ -129,6 +129,36 @@ def _label_columns(kernel: Any, lab: Any, spec: _Spec) -> Any:
     )
 
 
+def _label_argmax(s: Any, lab: Any, tgt: Any, spec: _Spec) -> Any:
+    """Per row, ``argmax(s)`` where it equals the label and -1 elsewhere: what token
+    accuracy needs, cheaper than ``tf.argmax`` over the row.
+
+    One threaded ``reduce_max`` finds the rows whose label holds the largest logit
+    (``tgt == max``); only those rows can be correct, and only there a tie with an
+    earlier column could make ``argmax`` pick another one. ``tf.argmax`` (first index
+    of the maximum, as Keras' accuracy) runs on those rows alone, a few at a time (no
+    more of them than fit in one ``tn x tv`` block), so its cost follows the share of
+    rows predicted right. Under XLA (no dynamic shapes), ``tf.argmax`` of the row.
+    """
+    if impl._in_xla():
+        return tf.argmax(s, axis=1, output_type=tf.int32)
+    top = tf.where(tf.equal(tgt, tf.reduce_max(s, axis=1)))[:, 0]
+    group = max(1, spec.tn * spec.tv // spec.vocab)
+    out = tf.fill(tf.shape(lab), -1)
+
+    def body(start, out):
+        rows = top[start : start + group]
+        first = tf.argmax(tf.gather(s, rows), axis=1, output_type=tf.int32)
+        return start + group, tf.tensor_scatter_nd_update(out, rows[:, None], first)
+
+    return tf.while_loop(
+        lambda start, _: start < tf.size(top, out_type=tf.int64),
+        body,
+        (tf.constant(0, tf.int64), out),
+        parallel_iterations=1,
+    )[1]
+
+
 def grads_in_forward(rows: _Rows, kernel: Any, bias: Any, spec: _Spec, kernel_grad: bool):
     """As ``_chunked._grads(..., fused=True)``: ``(dh, dk, db, loss_b, lse_b, amax_b)``,
     the gradients of ``sum(u * loss)`` and the per-row loss, log-sum-exp and argmax."""
@@ -153,7 +183,7 @@ def grads_in_forward(rows: _Rows, kernel: Any, bias: Any, spec: _Spec, kernel_gr
         idx = tf.stack([arange, lab], axis=1)
         tgt = tf.gather_nd(s, idx)
         ssum = tf.reduce_sum(s, axis=1) if spec.smoothing else None
-        amax = tf.argmax(s, axis=1, output_type=tf.int32)
+        amax = _label_argmax(s, lab, tgt, spec)
         deps = [tgt, amax] + ([ssum] if ssum is not None else [])
         # The kernel writes the gradient over `s` once everything else has read it.
         xent, g = tf.raw_ops.SparseSoftmaxCrossEntropyWithLogits(
