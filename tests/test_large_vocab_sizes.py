@@ -69,6 +69,25 @@ def test_row_pass_sizes_fit_the_default_row_budget(held, tokens, dim, vocab):
     assert _is_pow2(tv) and (tn == tokens or _is_pow2(tn))
 
 
+@pytest.mark.parametrize("held", list(_ROW_PASSES.values()), ids=list(_ROW_PASSES))
+@pytest.mark.parametrize("tokens", [1024, 4096])
+@pytest.mark.parametrize("dim", [128, 512, 1024])
+@pytest.mark.parametrize("vocab", [131072, 256000, 262144])
+def test_row_pass_halves_its_tokens_only_when_256_columns_do_not_fit(held, tokens, dim, vocab):
+    """Each halving of a row pass's token chunk is one more pass over the d x V
+    gradient, so the chunk keeps twice its rows whenever they fit beside 256 columns
+    (at 512 x 256,000 with 1,024 tokens TensorFlow's pass once fell to 128-token chunks,
+    and so to recomputation, because 1,024 columns did not fit beside 256 rows)."""
+    rows, products, copies = held
+    tn, _ = chunk_sizes(
+        tokens, dim, vocab, row_buffers=rows, kernel_blocks=products, row_blocks=copies
+    )
+    if tn < tokens:
+        twice = 2 * tn
+        need = rows * twice * vocab + products * dim * 256 + copies * twice * 256
+        assert need + 3 * twice * dim > 256 * 2**20 / 4, (tn, need)
+
+
 def test_chunk_sizes_keep_given_sizes_and_fewer_tokens_widen_the_vocab_chunk():
     assert chunk_sizes(4096, 512, 131072, token_chunk_size=100)[0] == 100
     assert chunk_sizes(4096, 512, 131072, vocab_chunk_size=300)[1] == 300

@@ -87,8 +87,13 @@ def chunk_sizes(
     vocabulary chunks: fewer, larger matmuls. ``row_buffers`` is the number of
     ``(tokens chunk, V)`` buffers a gradient-in-forward pass keeps (0: recomputation);
     such a pass defaults to four times the budget (256 MiB) and holds beside its rows
-    ``kernel_blocks`` ``d x tv`` blocks and ``row_blocks`` ``tn x tv`` ones (the module).
+    ``kernel_blocks`` ``d x tv`` blocks and ``row_blocks`` ``tn x tv`` ones (the module);
+    its token chunks shrink only when not even 256 columns fit beside its rows (each
+    halving of them means one more pass over the ``d x V`` gradient), so it narrows
+    its vocabulary chunk first:
 
+    >>> chunk_sizes(1024, 512, 256000, row_buffers=1, kernel_blocks=2, row_blocks=1)
+    (256, 512)
     >>> chunk_sizes(4096, 512, 131072)
     (4096, 1024)
     >>> chunk_sizes(1024, 512, 131072)
@@ -112,7 +117,8 @@ def chunk_sizes(
     tn = token_chunk_size
     if tn is None:
         tn = cap if cap < MIN_TOKEN_CHUNK else _pow2_floor(cap)
-        fixed_tv = min(vocab, vocab_chunk_size or PREFERRED_VOCAB_CHUNK)
+        narrowest = MIN_VOCAB_CHUNK if held.row_buffers else PREFERRED_VOCAB_CHUNK
+        fixed_tv = min(vocab, vocab_chunk_size or narrowest)
         while tn > MIN_TOKEN_CHUNK and need(tn, fixed_tv) > budget:
             tn //= 2
         if cap < DEFAULT_TOKEN_CHUNK and need(cap, fixed_tv) <= budget:
