@@ -10,9 +10,10 @@ backends' own passes, which write the gradient over the logits, 2 with a soft ca
 beside ``kernel_blocks`` of ``d x tv`` (kernel-gradient blocks; TensorFlow's own pass:
 2, one being added while the next is computed; torch's: none, its GEMM accumulates in
 place) and ``row_blocks`` of ``tn x tv`` (copied out of the row for them), under a default
-budget four times as large: such a pass adds the kernel gradient once per token chunk,
-re-reading the whole ``d x V`` buffer, so its token chunks must not shrink to a few
-dozen rows. The sizes are powers of two so that every chunk but the last has one shape
+budget ``budget_factor`` times as large (4; torch's own pass 2): such a pass adds the
+kernel gradient once per token chunk, re-reading the whole ``d x V`` buffer, so its
+token chunks must not shrink to a few dozen rows. torch's in-place GEMM re-reads it
+at little cost, so its rows can be half as long. The sizes are powers of two so that every chunk but the last has one shape
 (one compiled elementwise kernel).
 """
 
@@ -35,11 +36,13 @@ __all__ = ["DEFAULT_CHUNK_BUDGET_MIB", "chunk_sizes"]
 class Held(NamedTuple):
     """What a pass holds per token chunk beside its hidden rows, in float32 buffers:
     ``row_buffers`` of ``(tn, V)`` (0: a recomputing pass), ``kernel_blocks`` of
-    ``d x tv`` and ``row_blocks`` of ``tn x tv`` (see the module)."""
+    ``d x tv`` and ``row_blocks`` of ``tn x tv``, under ``budget_factor`` times the
+    default budget (see the module)."""
 
     row_buffers: int = 0
     kernel_blocks: int = 1
     row_blocks: int = 0
+    budget_factor: int = ROW_BUDGET_FACTOR
 
     def sizes(self, tokens, dim, vocab, budget, tn, tv) -> tuple[int, int]:
         """:func:`chunk_sizes` for a pass that holds this."""
@@ -76,6 +79,7 @@ def chunk_sizes(
     row_buffers: int = 0,
     kernel_blocks: int = 1,
     row_blocks: int = 0,
+    budget_factor: int = ROW_BUDGET_FACTOR,
 ) -> tuple[int, int]:
     """The ``(token_chunk_size, vocab_chunk_size)`` that ``linear_ce`` uses.
 
@@ -86,7 +90,8 @@ def chunk_sizes(
     holds (256 to 16,384, at most ``vocab``). Fewer tokens per batch thus get wider
     vocabulary chunks: fewer, larger matmuls. ``row_buffers`` is the number of
     ``(tokens chunk, V)`` buffers a gradient-in-forward pass keeps (0: recomputation);
-    such a pass defaults to four times the budget (256 MiB) and holds beside its rows
+    such a pass defaults to ``budget_factor`` times the budget (4: 256 MiB) and holds
+    beside its rows
     ``kernel_blocks`` ``d x tv`` blocks and ``row_blocks`` ``tn x tv`` ones (the module);
     its token chunks shrink only when not even 256 columns fit beside its rows (each
     halving of them means one more pass over the ``d x V`` gradient), so it narrows
@@ -101,8 +106,8 @@ def chunk_sizes(
     >>> chunk_sizes(4096, 512, 131072, chunk_budget_mib=16)
     (1024, 1024)
     """
-    held = Held(row_buffers, kernel_blocks, row_blocks) if row_buffers else Held()
-    default = DEFAULT_CHUNK_BUDGET_MIB * (ROW_BUDGET_FACTOR if held.row_buffers else 1)
+    held = Held(row_buffers, kernel_blocks, row_blocks, budget_factor) if row_buffers else Held()
+    default = DEFAULT_CHUNK_BUDGET_MIB * (held.budget_factor if held.row_buffers else 1)
     budget = (chunk_budget_mib or default) * 2**20 / 4  # float32 elements
     cap = DEFAULT_TOKEN_CHUNK if tokens is None else max(1, min(DEFAULT_TOKEN_CHUNK, tokens))
 

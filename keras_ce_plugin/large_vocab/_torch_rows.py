@@ -42,8 +42,10 @@ def grad_enabled() -> bool:
 def held(capped: bool) -> Held:
     """What this pass holds per token chunk (``_sizes``): the logits row (overwritten
     in place by its gradient) and, with a soft cap, its derivative; no blocks (its
-    GEMM adds the kernel gradient in place)."""
-    return Held(row_buffers=2 if capped else 1, kernel_blocks=0, row_blocks=0)
+    GEMM adds the kernel gradient in place), so that re-reading the kernel gradient
+    once per token chunk costs little and the rows get half the budget of the other
+    row passes."""
+    return Held(row_buffers=2 if capped else 1, kernel_blocks=0, row_blocks=0, budget_factor=2)
 
 
 def _logits(h: Any, kernel: Any, bias: Any, spec: _Spec, out: Any) -> Any:
