@@ -13,8 +13,8 @@ place) and ``row_blocks`` of ``tn x tv`` (copied out of the row for them), under
 budget ``budget_factor`` times as large (4; torch's own pass 2): such a pass adds the
 kernel gradient once per token chunk, re-reading the whole ``d x V`` buffer, so its
 token chunks must not shrink to a few dozen rows. torch's in-place GEMM re-reads it
-at little cost, so its rows can be half as long. The sizes are powers of two so that every chunk but the last has one shape
-(one compiled elementwise kernel).
+at little cost, so its rows can be half as long. The sizes are powers of two so that
+every chunk but the last has one shape (one compiled elementwise kernel).
 """
 
 from __future__ import annotations
@@ -91,9 +91,8 @@ def chunk_sizes(
     vocabulary chunks: fewer, larger matmuls. ``row_buffers`` is the number of
     ``(tokens chunk, V)`` buffers a gradient-in-forward pass keeps (0: recomputation);
     such a pass defaults to ``budget_factor`` times the budget (4: 256 MiB) and holds
-    beside its rows
-    ``kernel_blocks`` ``d x tv`` blocks and ``row_blocks`` ``tn x tv`` ones (the module);
-    its token chunks shrink only when not even 256 columns fit beside its rows (each
+    beside its rows ``kernel_blocks`` ``d x tv`` blocks and ``row_blocks`` ``tn x tv``
+    ones (the module); its token chunks shrink only when not even 256 columns fit beside its rows (each
     halving of them means one more pass over the ``d x V`` gradient), so it narrows
     its vocabulary chunk first:
 

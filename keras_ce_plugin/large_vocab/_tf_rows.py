@@ -130,8 +130,9 @@ def _label_columns(kernel: Any, lab: Any, spec: _Spec) -> Any:
 
 
 def _label_argmax(s: Any, lab: Any, tgt: Any, spec: _Spec) -> Any:
-    """Per row, ``argmax(s)`` where it equals the label and -1 elsewhere: what token
-    accuracy needs, cheaper than ``tf.argmax`` over the row.
+    """Per row, ``argmax(s)`` on the rows whose label holds the row's largest logit and
+    -1 on the others: equal to the label exactly where ``argmax(s)`` is, which is what
+    token accuracy needs, and cheaper than ``tf.argmax`` over the whole row.
 
     One threaded ``reduce_max`` finds the rows whose label holds the largest logit
     (``tgt == max``); only those rows can be correct, and only there a tie with an
