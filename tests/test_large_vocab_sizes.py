@@ -49,6 +49,14 @@ _ROW_PASSES = {
     "torch_own": (1, 0, 0),  # addmm_ accumulates in place: no blocks
     "generic": (2, 1, 0),  # logits row and its gradient
 }
+_ROW_BUDGET = 256 * 2**20 / 4  # a row pass's default budget, in float32 elements
+
+
+def _row_pass_elements(held, tn, tv, dim, vocab):
+    """float32 elements a row pass holding ``held`` uses at ``tn x tv`` chunks: its rows,
+    blocks and row copies, and the token chunk's hidden rows, gradient and accumulator."""
+    rows, products, copies = held
+    return rows * tn * vocab + products * dim * tv + copies * tn * tv + 3 * tn * dim
 
 
 @pytest.mark.parametrize("held", list(_ROW_PASSES.values()), ids=list(_ROW_PASSES))
@@ -64,8 +72,8 @@ def test_row_pass_sizes_fit_the_default_row_budget(held, tokens, dim, vocab):
     tn, tv = chunk_sizes(
         tokens, dim, vocab, row_buffers=rows, kernel_blocks=products, row_blocks=copies
     )
-    used = rows * tn * vocab + products * dim * tv + copies * tn * tv + 3 * tn * dim
-    assert used <= 256 * 2**20 / 4 or (tn == 16 and tv == 256), (tn, tv, used)
+    used = _row_pass_elements(held, tn, tv, dim, vocab)
+    assert used <= _ROW_BUDGET or (tn == 16 and tv == 256), (tn, tv, used)
     assert _is_pow2(tv) and (tn == tokens or _is_pow2(tn))
 
 
@@ -83,9 +91,8 @@ def test_row_pass_halves_its_tokens_only_when_256_columns_do_not_fit(held, token
         tokens, dim, vocab, row_buffers=rows, kernel_blocks=products, row_blocks=copies
     )
     if tn < tokens:
-        twice = 2 * tn
-        need = rows * twice * vocab + products * dim * 256 + copies * twice * 256
-        assert need + 3 * twice * dim > 256 * 2**20 / 4, (tn, need)
+        need = _row_pass_elements(held, 2 * tn, 256, dim, vocab)
+        assert need > _ROW_BUDGET, (tn, need)
 
 
 def test_chunk_sizes_keep_given_sizes_and_fewer_tokens_widen_the_vocab_chunk():

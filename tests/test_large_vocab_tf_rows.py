@@ -132,20 +132,17 @@ def test_tf_pass_token_accuracy_is_argmax_first_index(rng, spy, case, graph):
         y[::3] = logits[::3].argmax(1)
     expected = (logits.argmax(1) == y).astype("float32")
     assert 0 < expected.sum() < len(y), "the case must have right and wrong rows"
+    import tensorflow as tf
+
     kw = _kwargs({}, False, vocab_chunk_size=64, strategy="in_forward")
-    args = (h, k, y, u)
 
     def correct():
-        import tensorflow as tf
-
-        with tf.GradientTape() as tape:
+        with tf.GradientTape() as tape:  # TensorFlow's pass runs where a tape records
             hh = tf.constant(h)
             tape.watch(hh)
-            return fused_linear_ce_parts(hh, *args[1:], bias=b, **kw)[1]
+            return fused_linear_ce_parts(hh, k, y, u, bias=b, **kw)[1]
 
     if graph:
-        import tensorflow as tf
-
         correct = tf.function(correct, jit_compile=graph == "xla")
     np.testing.assert_array_equal(np.asarray(correct()), expected)
     assert spy, "strategy='in_forward' did not take TensorFlow's own pass"

@@ -92,9 +92,9 @@ def chunk_sizes(
     ``(tokens chunk, V)`` buffers a gradient-in-forward pass keeps (0: recomputation);
     such a pass defaults to ``budget_factor`` times the budget (4: 256 MiB) and holds
     beside its rows ``kernel_blocks`` ``d x tv`` blocks and ``row_blocks`` ``tn x tv``
-    ones (the module); its token chunks shrink only when not even 256 columns fit beside its rows (each
-    halving of them means one more pass over the ``d x V`` gradient), so it narrows
-    its vocabulary chunk first:
+    ones (the module); its token chunks shrink only when not even 256 columns fit
+    beside its rows (each halving of them means one more pass over the ``d x V``
+    gradient), so it narrows its vocabulary chunk first:
 
     >>> chunk_sizes(1024, 512, 256000, row_buffers=1, kernel_blocks=2, row_blocks=1)
     (256, 512)
