@@ -42,20 +42,38 @@ def test_chunk_sizes_fit_the_budget(tokens, dim, vocab, budget):
 
 
 # What each gradient-in-forward pass holds beside its token chunk's hidden rows, in
-# float32 buffers (the passes' modules): (tn x V rows, d x tv products, tn x tv copies).
+# float32 buffers (the passes' modules): (tn x V rows, d x tv products, tn x tv copies),
+# and its default budget in MiB (four times the 64 MiB default; torch's own pass twice).
 _ROW_PASSES = {
-    "tf_own": (1, 2, 1),  # the row; a block's product being added while the next is made
-    "tf_own_capped": (2, 2, 1),  # + the soft cap's derivative row
-    "torch_own": (1, 0, 0),  # addmm_ accumulates in place: no blocks
-    "generic": (2, 1, 0),  # logits row and its gradient
+    "tf_own": (1, 2, 1, 256),  # the row; a block's product being added while the next is made
+    "tf_own_capped": (2, 2, 1, 256),  # + the soft cap's derivative row
+    "torch_own": (1, 0, 0, 128),  # addmm_ accumulates in place: no blocks, half the budget
+    "generic": (2, 1, 0, 256),  # logits row and its gradient
 }
-_ROW_BUDGET = 256 * 2**20 / 4  # a row pass's default budget, in float32 elements
+
+
+def _sizes(held, tokens, dim, vocab):
+    rows, products, copies, mib = held
+    return chunk_sizes(
+        tokens,
+        dim,
+        vocab,
+        row_buffers=rows,
+        kernel_blocks=products,
+        row_blocks=copies,
+        budget_factor=mib // 64,
+    )
+
+
+def _budget(held):
+    """The pass's default budget, in float32 elements."""
+    return held[3] * 2**20 / 4
 
 
 def _row_pass_elements(held, tn, tv, dim, vocab):
     """float32 elements a row pass holding ``held`` uses at ``tn x tv`` chunks: its rows,
     blocks and row copies, and the token chunk's hidden rows, gradient and accumulator."""
-    rows, products, copies = held
+    rows, products, copies, _ = held
     return rows * tn * vocab + products * dim * tv + copies * tn * tv + 3 * tn * dim
 
 
@@ -65,15 +83,12 @@ def _row_pass_elements(held, tn, tv, dim, vocab):
 @pytest.mark.parametrize("vocab", [32768, 131072, 262144])
 def test_row_pass_sizes_fit_the_default_row_budget(held, tokens, dim, vocab):
     """A pass that keeps whole logits rows gets chunks whose rows, blocks and token
-    rows fit its default budget (256 MiB) unless 16-token chunks of 256 columns already
-    exceed it; TensorFlow's pass at 1024 x 131,072 counts its two kernel-gradient blocks
-    (it once got 16,384 columns, 72M elements against 67M)."""
-    rows, products, copies = held
-    tn, tv = chunk_sizes(
-        tokens, dim, vocab, row_buffers=rows, kernel_blocks=products, row_blocks=copies
-    )
+    rows fit its default budget (256 MiB; torch's own pass 128) unless 16-token chunks of
+    256 columns already exceed it; TensorFlow's pass at 1024 x 131,072 counts its two
+    kernel-gradient blocks (it once got 16,384 columns, 72M elements against 67M)."""
+    tn, tv = _sizes(held, tokens, dim, vocab)
     used = _row_pass_elements(held, tn, tv, dim, vocab)
-    assert used <= _ROW_BUDGET or (tn == 16 and tv == 256), (tn, tv, used)
+    assert used <= _budget(held) or (tn == 16 and tv == 256), (tn, tv, used)
     assert _is_pow2(tv) and (tn == tokens or _is_pow2(tn))
 
 
@@ -86,13 +101,10 @@ def test_row_pass_halves_its_tokens_only_when_256_columns_do_not_fit(held, token
     gradient, so the chunk keeps twice its rows whenever they fit beside 256 columns
     (at 512 x 256,000 with 1,024 tokens TensorFlow's pass once fell to 128-token chunks,
     and so to recomputation, because 1,024 columns did not fit beside 256 rows)."""
-    rows, products, copies = held
-    tn, _ = chunk_sizes(
-        tokens, dim, vocab, row_buffers=rows, kernel_blocks=products, row_blocks=copies
-    )
+    tn, _ = _sizes(held, tokens, dim, vocab)
     if tn < tokens:
         need = _row_pass_elements(held, 2 * tn, 256, dim, vocab)
-        assert need > _ROW_BUDGET, (tn, need)
+        assert need > _budget(held), (tn, need)
 
 
 def test_chunk_sizes_keep_given_sizes_and_fewer_tokens_widen_the_vocab_chunk():

@@ -7,8 +7,9 @@ count may be dynamic) and the vocabulary in chunks of ``vocab_chunk_size`` colum
 
 * recomputation (as Apple's Cut Cross-Entropy): the forward pass keeps only the
   per-token log-sum-exp; the backward pass recomputes each logits chunk. Used by
-  :func:`linear_ce` (per-token values, any upstream gradient) and, by default, by
-  :func:`fused_linear_ce_sum` (the weighted sum behind ``LinearCE``).
+  :func:`linear_ce` (per-token values, any upstream gradient), by
+  :func:`fused_linear_ce_sum` (the weighted sum behind ``LinearCE``) on JAX, and on
+  TensorFlow and torch where the pass below does not apply.
 * gradient in the forward pass (as Liger Kernel's fused linear cross-entropy),
   ``fused_linear_ce_sum(..., strategy="in_forward")``: a token chunk's logits row
   (``token_chunk x V``) is kept while its gradients are computed; the backward pass
