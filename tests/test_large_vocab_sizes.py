@@ -17,6 +17,7 @@ import pytest
 from conftest import REPO, require_backend, run_python
 
 from keras_ce_plugin.large_vocab import LinearCE, chunk_sizes, linear_ce
+from keras_ce_plugin.large_vocab._sizes import Held
 
 
 def _is_pow2(x: int) -> bool:
@@ -42,39 +43,34 @@ def test_chunk_sizes_fit_the_budget(tokens, dim, vocab, budget):
 
 
 # What each gradient-in-forward pass holds beside its token chunk's hidden rows, in
-# float32 buffers (the passes' modules): (tn x V rows, d x tv products, tn x tv copies),
-# and its default budget in MiB (four times the 64 MiB default; torch's own pass twice).
+# float32 buffers (the passes' modules): tn x V rows, d x tv products, tn x tv copies,
+# under a default budget of `budget_factor` times 64 MiB.
 _ROW_PASSES = {
-    "tf_own": (1, 2, 1, 256),  # the row; a block's product being added while the next is made
-    "tf_own_capped": (2, 2, 1, 256),  # + the soft cap's derivative row
-    "torch_own": (1, 0, 0, 128),  # addmm_ accumulates in place: no blocks, half the budget
-    "generic": (2, 1, 0, 256),  # logits row and its gradient
+    "tf_own": Held(1, 2, 1),  # the row; a block's product being added while the next is made
+    "tf_own_capped": Held(2, 2, 1),  # + the soft cap's derivative row
+    "torch_own": Held(1, 0, 0, budget_factor=2),  # addmm_ adds in place: no blocks, 128 MiB
+    "generic": Held(2, 1, 0),  # logits row and its gradient
 }
 
 
 def _sizes(held, tokens, dim, vocab):
-    rows, products, copies, mib = held
-    return chunk_sizes(
-        tokens,
-        dim,
-        vocab,
-        row_buffers=rows,
-        kernel_blocks=products,
-        row_blocks=copies,
-        budget_factor=mib // 64,
-    )
+    return held.sizes(tokens, dim, vocab, None, None, None)
 
 
 def _budget(held):
     """The pass's default budget, in float32 elements."""
-    return held[3] * 2**20 / 4
+    return held.budget_factor * 64 * 2**20 / 4
 
 
 def _row_pass_elements(held, tn, tv, dim, vocab):
     """float32 elements a row pass holding ``held`` uses at ``tn x tv`` chunks: its rows,
     blocks and row copies, and the token chunk's hidden rows, gradient and accumulator."""
-    rows, products, copies, _ = held
-    return rows * tn * vocab + products * dim * tv + copies * tn * tv + 3 * tn * dim
+    return (
+        held.row_buffers * tn * vocab
+        + held.kernel_blocks * dim * tv
+        + held.row_blocks * tn * tv
+        + 3 * tn * dim
+    )
 
 
 @pytest.mark.parametrize("held", list(_ROW_PASSES.values()), ids=list(_ROW_PASSES))
