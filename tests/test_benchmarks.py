@@ -58,19 +58,24 @@ def readme_benchmark_commands() -> list[str]:
 COMMANDS = readme_benchmark_commands()
 
 
+def _script(command: str) -> str:
+    """The file name of the script a command runs (``bench_hub.py``)."""
+    return shlex.split(command)[1].split("/")[1]
+
+
 def test_the_readme_names_each_benchmark_it_measures_with():
-    scripts = {shlex.split(c)[1].split("/")[1] for c in COMMANDS}
+    scripts = {_script(c) for c in COMMANDS}
     assert set(_SMALL) == scripts, scripts ^ set(_SMALL)
     for name in scripts:
         assert (REPO / "benchmarks" / name).is_file(), name
 
 
 @pytest.mark.parametrize(
-    "command", COMMANDS, ids=[f"{i}-{shlex.split(c)[1][11:-3]}" for i, c in enumerate(COMMANDS)]
+    "command", COMMANDS, ids=[f"{i}-{_script(c)[:-3]}" for i, c in enumerate(COMMANDS)]
 )
 def test_readme_benchmark_command_runs(command, tmp_path):
     argv = shlex.split(command)
-    script = argv[1].split("/")[1]
+    script = _script(command)
     small = shlex.split(_SMALL[script].format(cifar=cifar_dir_path()))
     if "--memory-limit" in argv:  # the search for the largest batch: one step per method
         small += ["--memory-limit", "0.0001"]
