@@ -480,6 +480,7 @@ def test_example_runs_as_is(cifar_dir, tmp_path):
     assert saved.is_file()
 
 
+@pytest.mark.slow  # a two-replica run, as the slow tier's multi-device runs
 def test_strategy_devices_mixed_precision_checkpoint_and_limit_flags(cifar_dir, tmp_path):
     """--strategy/--devices/--mixed-precision reach the model and metrics.json;
     --checkpoint-every writes a checkpoint each epoch (and removes it at the end);

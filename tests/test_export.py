@@ -518,6 +518,7 @@ def test_exports_refuse_to_overwrite_without_overwrite(shared, tmp_path):
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.slow  # a fresh-process kill, as the slow tier's others
 def test_sigkill_during_export_leaves_the_previous_export_intact(shared, cifar_dir, tmp_path):
     export = tmp_path / "export"
     shutil.copytree(shared["export"], export)
