@@ -35,7 +35,12 @@ _SMALL = {
 
 # What a finished run prints: a regular expression per script, for each of its rows.
 _ROWS = {
-    "bench_hub.py": [r"32x512 +naive ", r"32x512 +naive_acc ", r"32x512 +fused "],
+    "bench_hub.py": [
+        r"32x512 +naive ",
+        r"32x512 +naive_acc ",
+        r"32x512 +fused ",
+        r"32x512 +fused_noacc ",
+    ],
     "bench_large_vocab.py": [r"64x1024 +naive "],
     "bench_matmul_nt.py": [r"g @ W\.T", r"h @ E\.T"],
     "bench_sharded.py": [r"\| 8 x 1 \| `naive` \|", r"\| 1 x 8 \| `linear_ce` \|"],

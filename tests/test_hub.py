@@ -262,6 +262,31 @@ def test_frozen_head_skips_its_gradient(trained):
     )
 
 
+@pytest.mark.parametrize("token_accuracy", [True, False])
+def test_reported_metrics_match_causal_lm_compile(token_accuracy):
+    """By default the trainer reports ``token_accuracy`` equal to the weighted accuracy
+    of keras-hub's default ``compile``; with ``token_accuracy=False`` it reports what
+    ``compile(weighted_metrics=[])`` reports, the loss alone. The loss curve is the
+    naive one either way. Accuracies agree exactly (the same argmax of logits that
+    agree to float32 rounding)."""
+    naive, fused = pair(lambda: gemma(cap=1.0))
+    x, y, sw = lm_batch(2)
+    metrics = {} if token_accuracy else {"weighted_metrics": []}
+    naive.compile(optimizer=keras.optimizers.SGD(0.5), **metrics)
+    h_naive = naive.fit(x, y, sample_weight=sw, **FIT).history
+    trainer = fused_trainer(fused, token_accuracy=token_accuracy)
+    trainer.compile(optimizer=keras.optimizers.SGD(0.5))
+    h_fused = trainer.fit(x, y, sample_weight=sw, **FIT).history
+    assert rel_err(h_fused["loss"], h_naive["loss"]) <= RTOL
+    if token_accuracy:
+        assert sorted(h_naive) == ["loss", "sparse_categorical_accuracy"]
+        assert sorted(h_fused) == ["loss", "token_accuracy"]
+        assert h_fused["token_accuracy"] == h_naive["sparse_categorical_accuracy"]
+        assert 0 < h_naive["sparse_categorical_accuracy"][-1] < 1
+    else:
+        assert sorted(h_fused) == sorted(h_naive) == ["loss"]
+
+
 def test_quantized_embedding_falls_back_with_one_warning():
     lm = gemma(cap=None)
     lm.backbone.token_embedding.quantize("int8")

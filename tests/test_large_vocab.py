@@ -514,7 +514,7 @@ def test_configs_round_trip():
 V, D, T = 97, 16, 12
 
 
-def tiny_lm(head_kind: str = "tied", cap: float | None = None) -> LinearCEModel:
+def tiny_lm(head_kind: str = "tied", cap: float | None = None, **kwargs) -> LinearCEModel:
     keras.utils.set_random_seed(7)
     tokens = keras.Input((T,), dtype="int32")
     emb = keras.layers.ReversibleEmbedding(
@@ -523,7 +523,7 @@ def tiny_lm(head_kind: str = "tied", cap: float | None = None) -> LinearCEModel:
     x = keras.layers.Dense(D, activation="tanh", name="mix")(emb(tokens))
     backbone = keras.Model(tokens, x, name="backbone")
     head = keras.layers.Dense(V, name="lm_head") if head_kind == "dense" else emb
-    return LinearCEModel(backbone, head=head)
+    return LinearCEModel(backbone, head=head, **kwargs)
 
 
 def lm_data(rng, n=8):
@@ -697,11 +697,22 @@ def test_soft_caps_that_differ_are_refused(rng):
         model.fit(x, y, epochs=1, verbose=0)
 
 
+def test_model_config_keeps_token_accuracy():
+    """``token_accuracy`` is in the config (through JSON) and validated in ``__init__``."""
+    model = tiny_lm(token_accuracy=False)
+    config = json.loads(json.dumps(model.get_config()))
+    assert config["token_accuracy"] is False
+    assert LinearCEModel.from_config(config).get_config()["token_accuracy"] is False
+    assert tiny_lm().get_config()["token_accuracy"] is True
+    with pytest.raises(TypeError, match=r"`token_accuracy` must be True or False\. Received: "):
+        tiny_lm(token_accuracy="no")
+
+
 def test_model_saves_and_reloads_in_fresh_process_safe_mode(rng, tmp_path):
     x, y, sw = lm_data(rng)
-    model = tiny_lm("tied", cap=4.0)
+    model = tiny_lm("tied", cap=4.0, token_accuracy=False)
     model.compile("adam", LinearCE(ignore_class=0, label_smoothing=0.1))
-    model.fit(x, y, sample_weight=sw, epochs=1, verbose=0)
+    assert list(model.fit(x, y, sample_weight=sw, epochs=1, verbose=0).history) == ["loss"]
     path = tmp_path / "lm.keras"
     model.save(path)
     np.save(tmp_path / "x.npy", x)
@@ -714,7 +725,8 @@ x = np.load({str(tmp_path / "x.npy")!r})
 np.testing.assert_allclose(m.predict(x, verbose=0), np.load({str(tmp_path / "pred.npy")!r}), rtol=1e-6, atol=1e-6)
 assert type(m.loss).__name__ == "LinearCE" and m.loss.label_smoothing == 0.1
 assert m.head is m.backbone.get_layer("token_embedding")  # still tied
-m.fit(x, np.roll(x, -1, 1), epochs=1, verbose=0)
+h = m.fit(x, np.roll(x, -1, 1), epochs=1, verbose=0).history
+assert list(h) == ["loss"], h  # token_accuracy=False kept
 print("OK")
 """
     out = run_python(code, cwd=REPO, env={"KERAS_BACKEND": BACKEND})

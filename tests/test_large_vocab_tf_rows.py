@@ -148,6 +148,46 @@ def test_tf_pass_token_accuracy_is_argmax_first_index(rng, spy, case, graph):
     assert spy, "strategy='in_forward' did not take TensorFlow's own pass"
 
 
+@pytest.mark.parametrize("return_correct", [True, False])
+def test_without_correct_the_pass_never_reduces_a_row(rng, spy, return_correct):
+    """``return_correct=False`` gives ``None`` for the correctness, the same loss and
+    gradients (float64 reference), and a traced pass with no ``Max``/``ArgMax`` op:
+    the row's ``reduce_max`` and ``argmax`` are what token accuracy costs. With
+    ``return_correct=True`` the same graph has them (so the check can fail)."""
+    import tensorflow as tf
+
+    opts = OPTIONS["all_but_cap"]
+    h, k, b, y, u = _problem(rng, opts, False)
+    total64, _, _, grads64 = _reference(h, k, y, u, b, opts, False)
+    kw = _kwargs(opts, False, vocab_chunk_size=64, strategy="in_forward")
+    args = [tf.Variable(a) for a in (h, k, b)]
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            out = fused_linear_ce_parts(
+                args[0], args[1], y, u, bias=args[2], return_correct=return_correct, **kw
+            )
+        grads = tape.gradient(out[0], args)
+        return out[0], grads, out[1] if return_correct else tf.constant(0.0)
+
+    total, grads, _ = step()
+    assert spy, "strategy='in_forward' did not take TensorFlow's own pass"
+    assert rel_err(np.asarray(total), total64) < RTOL
+    for got, want in zip(grads, grads64):
+        assert rel_err(np.asarray(got), want) < GRAD_RTOL
+    graph = step.get_concrete_function().graph.as_graph_def()
+    ops_ = {n.op for n in graph.node}
+    for f in graph.library.function:
+        ops_ |= {n.op for n in f.node_def}
+    assert ({"Max", "ArgMax"} <= ops_) == return_correct, sorted(ops_)
+    with tf.GradientTape():
+        parts = fused_linear_ce_parts(
+            args[0], args[1], y, u, bias=args[2], return_correct=return_correct, **kw
+        )
+    assert (parts[1] is None) == (not return_correct)
+
+
 @pytest.mark.parametrize(
     ("opts", "extra", "own"),
     [

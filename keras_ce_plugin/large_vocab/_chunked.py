@@ -34,6 +34,7 @@ class _Spec(NamedTuple):
     zloss: float = 0.0  # PaLM's z-loss coefficient: loss += zloss * lse**2
     mm_dtype: str = "float32"  # logits and kernel-gradient matmuls (matmul_precision="input")
     filter_eps: float = 0.0  # skip gradient blocks below it (filter_eps; 0: exact)
+    correct: bool = True  # the per-row argmax (token accuracy); False: passes may skip it
 
 
 def _backend() -> Any:

@@ -184,7 +184,10 @@ def grads_in_forward(rows: _Rows, kernel: Any, bias: Any, spec: _Spec, kernel_gr
         idx = tf.stack([arange, lab], axis=1)
         tgt = tf.gather_nd(s, idx)
         ssum = tf.reduce_sum(s, axis=1) if spec.smoothing else None
-        amax = _label_argmax(s, lab, tgt, spec)
+        if spec.correct:
+            amax = _label_argmax(s, lab, tgt, spec)
+        else:  # no token accuracy: no pass over the row for it
+            amax = tf.fill(tf.shape(lab), -1)
         deps = [tgt, amax] + ([ssum] if ssum is not None else [])
         # The kernel writes the gradient over `s` once everything else has read it.
         xent, g = tf.raw_ops.SparseSoftmaxCrossEntropyWithLogits(

@@ -31,9 +31,17 @@ class HubTrainer(LinearCEModel):
     itself to ``generate``, ``score``, ``save``.
     """
 
-    def __init__(self, causal_lm: Any, final_logit_cap: float | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        causal_lm: Any,
+        final_logit_cap: float | None = None,
+        token_accuracy: bool = True,
+        **kwargs: Any,
+    ):
         backbone = causal_lm.backbone
-        super().__init__(backbone, head=backbone.token_embedding, **kwargs)
+        super().__init__(
+            backbone, head=backbone.token_embedding, token_accuracy=token_accuracy, **kwargs
+        )
         # Not tracked as a layer: the trainer is never saved (the CausalLM is).
         object.__setattr__(self, "_causal_lm", causal_lm)
         self.final_logit_cap = final_logit_cap
@@ -84,7 +92,7 @@ def _is_text(x: Any) -> bool:
     return isinstance(x, np.ndarray) and x.dtype.kind in "US"
 
 
-def fused_trainer(causal_lm: Any) -> Any:
+def fused_trainer(causal_lm: Any, *, token_accuracy: bool = True) -> Any:
     """A trainer computing ``causal_lm``'s loss without the ``N x V`` logits.
 
     ``trainer = fused_trainer(causal_lm); trainer.compile(...); trainer.fit(x, y,
@@ -94,7 +102,9 @@ def fused_trainer(causal_lm: Any) -> Any:
     ``logit_soft_cap``, ``reverse_dtype`` and a task's ``final_logit_cap``, averaged
     as keras-hub's default loss averages (padding counts in the denominator with
     weight 0). Then ``causal_lm.generate()``, ``score()``, ``save()`` use the trained
-    weights.
+    weights. ``fit`` reports ``token_accuracy``, as ``causal_lm.compile()``'s default
+    weighted metric does; ``token_accuracy=False`` leaves it out and saves its work,
+    as ``causal_lm.compile(weighted_metrics=[])`` does.
 
     Where the fused loss cannot reproduce the head (a quantized embedding, two
     stacked soft caps), it warns in one line and returns ``causal_lm`` itself, to
@@ -122,4 +132,4 @@ def fused_trainer(causal_lm: Any) -> Any:
             stacklevel=2,
         )
         return causal_lm
-    return HubTrainer(causal_lm, final_logit_cap=task_cap)
+    return HubTrainer(causal_lm, final_logit_cap=task_cap, token_accuracy=token_accuracy)

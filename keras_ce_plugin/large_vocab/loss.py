@@ -239,9 +239,11 @@ class LinearCE(_CrossEntropyLoss):
         mask: Any = None,
         kernel_grad: bool = True,
         return_lse: bool = False,
+        return_correct: bool = True,
     ) -> tuple[Any, ...]:
         """:meth:`fused` plus the unweighted per-token losses (no gradient; for metrics);
-        with ``return_lse``, also the per-token log-sum-exp (0 on skipped tokens)."""
+        with ``return_lse``, also the per-token log-sum-exp (0 on skipped tokens);
+        ``return_correct=False``: ``None`` for the correctness, which is not computed."""
         cap = self.effective_cap(logit_soft_cap)
         shape = ops.shape(hidden)[:-1]
         mask = _mask_of(hidden) if mask is None else mask
@@ -268,6 +270,7 @@ class LinearCE(_CrossEntropyLoss):
             z_loss=self.z_loss,
             return_lse=return_lse,
             filter_eps=self.filter_eps,
+            return_correct=return_correct,
         )
         parts = (ops.cast(loss, self.dtype), correct, weights, ops.reshape(per_token, shape))
         return parts + tuple(ops.reshape(x, shape) for x in lse)

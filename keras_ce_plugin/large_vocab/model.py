@@ -51,17 +51,28 @@ class LinearCEModel(keras.Model):
             with ``reverse=True``; tied or not, with its ``logit_soft_cap``) or a
             ``keras.layers.Dense`` without activation. It may be a layer of the
             backbone (a tied input embedding): it is then saved once and shared.
+        token_accuracy: Whether ``fit`` tracks ``token_accuracy``. ``False`` leaves it
+            out, and the fused pass skips the rows' argmax it needs (on TensorFlow one
+            more read of each logits row), as a loss-only ``compile`` of the plain
+            model computes none.
 
     Compiled with a :class:`LinearCE` loss, ``fit`` computes the loss from the
     hidden states (``model(x, training=True)`` returns them) and tracks
-    ``token_accuracy`` (and, when the loss has a ``z_loss``, ``z_loss``: the weighted
+    ``token_accuracy`` (unless ``token_accuracy=False``; and, when the loss has a ``z_loss``, ``z_loss``: the weighted
     mean of its per-token terms ``z_loss * lse**2``, part of the reported loss);
     ``predict``/``evaluate``/``model(x)`` return the logits. With another loss it is
     an ordinary model.
     """
 
-    def __init__(self, backbone: Any, head: Any, **kwargs: Any) -> None:
+    def __init__(
+        self, backbone: Any, head: Any, token_accuracy: bool = True, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
+        if not isinstance(token_accuracy, bool):
+            raise TypeError(
+                "`token_accuracy` must be True or False. "
+                f"Received: token_accuracy={token_accuracy!r}"
+            )
         if isinstance(head, keras.layers.ReversibleEmbedding):
             if head.quantization_mode is not None:
                 raise ValueError(
@@ -81,16 +92,20 @@ class LinearCEModel(keras.Model):
             )
         self.backbone = backbone
         self.head = head
-        self.token_accuracy = TokenAccuracy()
+        self.token_accuracy = TokenAccuracy()  # always built: the saved state is the same
+        self._with_accuracy = token_accuracy
         self.z_loss_tracker = keras.metrics.Mean(name="z_loss")
         self._returned_hidden = False
 
     @property
     def metrics(self) -> list[Any]:
-        """Keras' metrics; ``z_loss`` only while the compiled loss has a z-loss."""
+        """Keras' metrics; ``z_loss`` only while the compiled loss has a z-loss,
+        ``token_accuracy`` unless ``token_accuracy=False``."""
         found = super().metrics
         if not self._z_loss:
             found = [m for m in found if m is not self.z_loss_tracker]
+        if not self._with_accuracy:
+            found = [m for m in found if m is not self.token_accuracy]
         return found
 
     @property
@@ -195,7 +210,7 @@ class LinearCEModel(keras.Model):
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         loss_fn = self._fused_loss
         if loss_fn is None:  # an ordinary model: y_pred are the logits
-            if y is not None and y_pred is not None:
+            if y is not None and y_pred is not None and self._with_accuracy:
                 self.token_accuracy.update_state(y, y_pred, sample_weight)
             return super().compute_loss(x, y, y_pred, sample_weight, training=training)
         # matmul_precision="input" casts the kernel block by block: no d x V copy.
@@ -212,9 +227,11 @@ class LinearCEModel(keras.Model):
                 labels=y,
                 logit_soft_cap=head_cap,
                 return_lse=bool(loss_fn.z_loss),
+                return_correct=self._with_accuracy,
                 **head,
             )
-            self.token_accuracy.update_from_correct(correct, weights)
+            if self._with_accuracy:
+                self.token_accuracy.update_from_correct(correct, weights)
             self._update_loss_metrics(
                 loss_fn, y, y_pred, sample_weight, per_token, (cap, head_cap), head
             )
@@ -223,10 +240,11 @@ class LinearCEModel(keras.Model):
             shape = ops.shape(y_pred)[:-1]
             per_token = loss_fn.per_token(y, y_pred, cap if head_cap is None else None)
             loss = loss_fn.reduce_tokens(per_token, y, sample_weight, _mask_of(y_pred))
-            labels = ops.cast(ops.reshape(y, shape), "int32")
-            pred = ops.cast(ops.argmax(y_pred, axis=-1), "int32")
             weights = loss_fn.token_weights(y, sample_weight, shape, _mask_of(y_pred))
-            self.token_accuracy.update_from_correct(ops.equal(pred, labels), weights)
+            if self._with_accuracy:
+                labels = ops.cast(ops.reshape(y, shape), "int32")
+                pred = ops.cast(ops.argmax(y_pred, axis=-1), "int32")
+                self.token_accuracy.update_from_correct(ops.equal(pred, labels), weights)
             if loss_fn.z_loss:
                 lse = [loss_fn.logits_lse(y_pred, cap if head_cap is None else None)]
         if lse:  # the z-loss part of the loss, weighted as token_accuracy
@@ -301,6 +319,7 @@ class LinearCEModel(keras.Model):
         config = {
             **super().get_config(),
             "backbone": keras.saving.serialize_keras_object(self.backbone),
+            "token_accuracy": self._with_accuracy,
         }
         path = _find_layer(self.backbone, self.head)
         if path is not None:

@@ -13,13 +13,12 @@ count may be dynamic) and the vocabulary in chunks of ``vocab_chunk_size`` colum
 * gradient in the forward pass (as Liger Kernel's fused linear cross-entropy),
   ``fused_linear_ce_sum(..., strategy="in_forward")``: a token chunk's logits row
   (``token_chunk x V``) is kept while its gradients are computed; the backward pass
-  only scales them. It saves one of the four matmuls but needs small token chunks
-  at large ``V``. On TensorFlow and torch it is a pass of the backend's own
-  (``_tf_rows``: TensorFlow's cross-entropy kernel over the row; ``_torch_rows``: the
-  row overwritten in place, the kernel gradient added by an in-place GEMM), which the
-  default ``strategy=None`` takes there while gradients are recorded
-  (:mod:`._strategy` decides); on JAX the generic chunked pass measured slower on CPU
-  than recomputing (see the benchmark).
+  only scales them: one matmul of four fewer, at the price of small token chunks at
+  large ``V``. TensorFlow and torch have their own such pass (``_tf_rows``:
+  TensorFlow's cross-entropy kernel over the row; ``_torch_rows``: the row
+  overwritten in place, the kernel gradient added by an in-place GEMM), which the
+  default ``strategy=None`` takes while gradients are recorded (:mod:`._strategy`
+  decides); on JAX the generic chunked pass measured slower on CPU than recomputing.
 
 Rows whose label is ``ignore_class`` (or whose weight is 0) are moved behind the
 others and the loop stops before them: they cost no matmul.
@@ -226,8 +225,7 @@ def linear_ce(
 
 
 def _sharded_unsupported(spec: Any, return_lse: bool) -> None:
-    """The sharded path computes neither the z-loss nor the log-sum-exp it returns,
-    its matmuls are float32 and it filters no gradient blocks."""
+    """Refuses what the sharded path lacks: z-loss, lse, half matmuls, filtering."""
     if spec.zloss or return_lse or spec.mm_dtype != "float32" or spec.filter_eps:
         raise ValueError(
             "`z_loss`, `return_lse`, `matmul_precision='input'` and `filter_eps` are not "
@@ -265,9 +263,9 @@ def fused_linear_ce_sum(
     ``"in_forward"`` where the backend has its own pass for it (TensorFlow and torch,
     float32 matmuls, no ``filter_eps``; on TensorFlow not a soft cap with label
     smoothing, and token chunks of at least 256 rows) while gradients are recorded, and
-    ``"recompute"`` elsewhere (``compute_grads=False``: no gradient, e.g. for metrics). Returns a float32 scalar and float32 ``(N,)``
-    correctness (1.0/0.0; 0 on skipped rows).
-    """
+    ``"recompute"`` elsewhere (``compute_grads=False``: no gradient, e.g. for metrics).
+    Returns a float32 scalar and float32 ``(N,)`` correctness (1.0/0.0; 0 on skipped
+    rows)."""
     total, correct, _ = fused_linear_ce_parts(
         hidden,
         kernel,
@@ -310,11 +308,14 @@ def fused_linear_ce_parts(
     z_loss: float = 0.0,
     return_lse: bool = False,
     filter_eps: float | str | None = None,
+    return_correct: bool = True,
 ) -> tuple[Any, ...]:
     """:func:`fused_linear_ce_sum`, plus the ``(N,)`` per-token losses (no gradient;
     0 on skipped rows), for metrics that reuse the training pass; with
     ``return_lse``, also the ``(N,)`` per-token log-sum-exp of the (capped) logits
     (no gradient; 0 on skipped rows), e.g. for a z-loss metric.
+    ``return_correct=False``: ``None`` for the correctness, whose argmax a pass may then
+    skip (TensorFlow's own pass: one read of each logits row fewer).
 
     ``kernel_grad=False`` (a frozen head: LoRA, a frozen embedding) treats the kernel
     (and bias) as constants: no ``d x V`` gradient, and the hidden gradient is
@@ -351,6 +352,7 @@ def fused_linear_ce_parts(
         strategy, prepare, compute_grads and not online, logit_soft_cap is not None
     )
     hidden, kernel, bias, ignore_class, spec = choice.prepared
+    spec = spec._replace(correct=bool(return_correct))
     plan = _sharded.plan(hidden, given_kernel, spec)
     lab, in_range, keep = _labels(labels, spec.vocab, ignore_class)
     w = ops.reshape(ops.cast(weights, "float32"), (-1,))
@@ -367,7 +369,10 @@ def fused_linear_ce_parts(
         _sharded_unsupported(spec, return_lse)
         args = (plan, hidden, kernel, bias, safe, active, u, spec, compute_grads)
         total, correct, per_token = _sharded.fused_sum(*args)
-        return total + nan_term, correct, per_token
+        return total + nan_term, (correct if return_correct else None), per_token
+
+    def drop_correct(parts: tuple[Any, ...]) -> tuple[Any, ...]:
+        return parts if return_correct else (parts[0], None, *parts[2:])
 
     def correct_of(rows, loss_b, lse_b, amax_b):
         amax = _unsort(rows, ops.reshape(amax_b, (-1,)))
@@ -383,7 +388,7 @@ def fused_linear_ce_parts(
     if not compute_grads:
         h2 = ops.reshape(hidden, (-1, spec.dim))
         rows = _rows(h2, safe, active, u, spec, sort=True)
-        return correct_of(rows, *_forward(impl, rows, kernel, bias, spec))
+        return drop_correct(correct_of(rows, *_forward(impl, rows, kernel, bias, spec)))
 
     def run_online(h):  # a frozen head: dh from the forward pass (_online)
         rows = _rows(ops.reshape(h, (-1, spec.dim)), safe, active, u, spec, sort=True)
@@ -442,4 +447,4 @@ def fused_linear_ce_parts(
         out = impl.custom_gradient(lambda h, k: run(h, k, None))(hidden, kernel)
     else:
         out = impl.custom_gradient(run)(hidden, kernel, bias)
-    return (out[0], *(ops.stop_gradient(x) for x in out[1:]))
+    return drop_correct((out[0], *(ops.stop_gradient(x) for x in out[1:])))
