@@ -267,8 +267,7 @@ def test_reported_metrics_match_causal_lm_compile(token_accuracy):
     """By default the trainer reports ``token_accuracy`` equal to the weighted accuracy
     of keras-hub's default ``compile``; with ``token_accuracy=False`` it reports what
     ``compile(weighted_metrics=[])`` reports, the loss alone. The loss curve is the
-    naive one either way. Accuracies agree exactly (the same argmax of logits that
-    agree to float32 rounding)."""
+    naive one either way."""
     naive, fused = pair(lambda: gemma(cap=1.0))
     x, y, sw = lm_batch(2)
     metrics = {} if token_accuracy else {"weighted_metrics": []}
@@ -281,7 +280,8 @@ def test_reported_metrics_match_causal_lm_compile(token_accuracy):
     if token_accuracy:
         assert sorted(h_naive) == ["loss", "sparse_categorical_accuracy"]
         assert sorted(h_fused) == ["loss", "token_accuracy"]
-        assert h_fused["token_accuracy"] == h_naive["sparse_categorical_accuracy"]
+        # The same hits; the two metrics' float32 means may differ in the last bit.
+        assert rel_err(h_fused["token_accuracy"], h_naive["sparse_categorical_accuracy"]) <= 1e-6
         assert 0 < h_naive["sparse_categorical_accuracy"][-1] < 1
     else:
         assert sorted(h_fused) == sorted(h_naive) == ["loss"]
