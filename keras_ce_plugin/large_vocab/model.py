@@ -58,8 +58,9 @@ class LinearCEModel(keras.Model):
 
     Compiled with a :class:`LinearCE` loss, ``fit`` computes the loss from the
     hidden states (``model(x, training=True)`` returns them) and tracks
-    ``token_accuracy`` (unless ``token_accuracy=False``; and, when the loss has a ``z_loss``, ``z_loss``: the weighted
-    mean of its per-token terms ``z_loss * lse**2``, part of the reported loss);
+    ``token_accuracy`` (unless ``token_accuracy=False``; and, when the loss has a
+    ``z_loss``, ``z_loss``: the weighted mean of its per-token terms
+    ``z_loss * lse**2``, part of the reported loss);
     ``predict``/``evaluate``/``model(x)`` return the logits. With another loss it is
     an ordinary model.
     """
