@@ -323,16 +323,17 @@ def test_linear_ce_compiled_explicitly():
 @pytest.mark.slow
 def test_hub_on_jax():
     """This file again under JAX, in a fresh process: the three head kinds (tied with
-    soft cap, untied, frozen under LoRA); the others share their code paths."""
+    soft cap, untied, frozen under LoRA) and the reported metrics; the others share
+    their code paths."""
     rerun_from_tensorflow(
         "jax",
         "-x",
         "tests/test_hub.py",
         "-k",
-        "(gemma_tied or llama_untied or gemma_lora) and not on_jax",
-        # Measured: 13 passed, 2 skipped (the LoRA-only test on the other two models),
+        "(gemma_tied or llama_untied or gemma_lora or reported_metrics) and not on_jax",
+        # Measured: 15 passed, 2 skipped (the LoRA-only test on the other two models),
         # 16 deselected.
-        min_passed=13,
+        min_passed=15,
         max_skipped=18,
     )
 
