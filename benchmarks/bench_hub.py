@@ -24,9 +24,10 @@ so each step shows its own peak) in both columns.
 
 Time: median of ``--repeats`` training steps after one warm-up step, timed from each
 batch's begin to its end inside one ``fit`` call (wall and process CPU time; a whole
-``fit`` call's wall time on TensorFlow can include an idle wait at its end). Memory, two ways, each above the built model (weights, optimizer state, the
-inputs) and one set of gradients (the trainable weights' size, which any method holds
-while it applies them): the TensorFlow CPU allocator's high-water mark in a step after
+``fit`` call's wall time on TensorFlow can include an idle wait at its end). Memory,
+two ways, each above the built model (weights, optimizer state, the inputs) and one
+set of gradients (the trainable weights' size, which any method holds while it
+applies them): the TensorFlow CPU allocator's high-water mark in a step after
 the warm-up, and the process RSS high-water mark (``/proc/self/clear_refs``) of the
 first step, tracing included (TensorFlow's oneDNN allocator keeps freed memory pooled,
 so later steps leave the RSS flat).
@@ -70,6 +71,7 @@ def _build(args: argparse.Namespace):
     ids = np.random.default_rng(0).integers(1, vocab, (batch, SEQ)).astype("int32")
     y = np.roll(ids, -1, 1)
     optimizer = keras.optimizers.SGD(1e-3)
+    accuracy = args.method != "fused_noacc"  # the fused models' token_accuracy
     if args.model == "gemma":
         import keras_hub
 
@@ -87,7 +89,6 @@ def _build(args: argparse.Namespace):
         if args.frozen:
             backbone.token_embedding.trainable = False
         x = {"token_ids": ids, "padding_mask": np.ones_like(ids, bool)}
-        accuracy = args.method != "fused_noacc"
         model = (
             lm if args.method.startswith("naive") else fused_trainer(lm, token_accuracy=accuracy)
         )
@@ -109,7 +110,7 @@ def _build(args: argparse.Namespace):
             model.compile(optimizer=optimizer, loss=loss, weighted_metrics=acc)
         else:
             head.build((None, SEQ, dim))
-            model = LinearCEModel(backbone, head=head, token_accuracy=args.method != "fused_noacc")
+            model = LinearCEModel(backbone, head=head, token_accuracy=accuracy)
             model.compile(optimizer=optimizer, loss=LinearCE())
         model.build((None, SEQ))
     trainable = sum(int(np.prod(w.shape)) * 4 for w in model.trainable_weights)

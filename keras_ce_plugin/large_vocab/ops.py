@@ -264,8 +264,7 @@ def fused_linear_ce_sum(
     float32 matmuls, no ``filter_eps``; on TensorFlow not a soft cap with label
     smoothing, and token chunks of at least 256 rows) while gradients are recorded, and
     ``"recompute"`` elsewhere (``compute_grads=False``: no gradient, e.g. for metrics).
-    Returns a float32 scalar and float32 ``(N,)`` correctness (1.0/0.0; 0 on skipped
-    rows)."""
+    Returns a float32 scalar and float32 ``(N,)`` correctness (1.0/0.0; 0 if skipped)."""
     total, correct, _ = fused_linear_ce_parts(
         hidden,
         kernel,
@@ -365,14 +364,15 @@ def fused_linear_ce_parts(
     u = ops.where(active, w, 0.0)
     # A label outside [0, V) on a counted row makes the loss NaN, as in `linear_ce`.
     nan_term = ops.sum(ops.where(nan_rows, float("nan"), 0.0))
+
+    def drop_correct(parts: tuple[Any, ...]) -> tuple[Any, ...]:
+        return parts if return_correct else (parts[0], None, *parts[2:])
+
     if plan is not None:  # sharded over a device mesh: _sharded
         _sharded_unsupported(spec, return_lse)
         args = (plan, hidden, kernel, bias, safe, active, u, spec, compute_grads)
         total, correct, per_token = _sharded.fused_sum(*args)
-        return total + nan_term, (correct if return_correct else None), per_token
-
-    def drop_correct(parts: tuple[Any, ...]) -> tuple[Any, ...]:
-        return parts if return_correct else (parts[0], None, *parts[2:])
+        return drop_correct((total + nan_term, correct, per_token))
 
     def correct_of(rows, loss_b, lse_b, amax_b):
         amax = _unsort(rows, ops.reshape(amax_b, (-1,)))
