@@ -22,6 +22,7 @@ from conftest import require_backend, rerun_from_tensorflow
 from keras import ops
 
 import keras_ce_plugin
+import keras_ce_plugin.large_vocab
 from keras_ce_plugin.testing import CHECKS, LossContractError, check_loss, check_losses
 
 PKG = "check_loss_tests"
@@ -626,6 +627,82 @@ def test_a_class_is_built_with_its_defaults():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         check_loss(FocalCE(), **kwargs)
+
+
+@keras.saving.register_keras_serializable(package=PKG, name="UserSparse")
+class UserSparse(keras.losses.Loss):
+    """A correct sparse cross-entropy of probabilities that the checker does not know:
+    its ``call`` raises on one-hot labels."""
+
+    def call(self, y_true, y_pred):
+        labels = ops.reshape(ops.cast(y_true, "int32"), (-1,))
+        picked = ops.take_along_axis(y_pred, labels[:, None], axis=-1)[:, 0]
+        return -ops.log(ops.clip(picked, EPS, 1.0))
+
+
+class SubclassedSparse(keras_ce_plugin.SparseCategoricalCE):
+    """A user's subclass of a known loss: the same labels."""
+
+
+LABEL_CHECKS = ["output_shape", "sample_weight", "reduction", "shapes"]
+KNOWN_KINDS = {
+    "SparseCategoricalCE": (keras_ce_plugin.SparseCategoricalCE(), "sparse"),
+    "sparse_categorical_ce": (keras_ce_plugin.sparse_categorical_ce, "sparse"),
+    "LinearCE": (keras_ce_plugin.large_vocab.LinearCE(), "sparse"),
+    "subclass": (SubclassedSparse(from_logits=True), "sparse"),
+    "keras.SparseCategoricalCrossentropy": (keras.losses.SparseCategoricalCrossentropy(), "sparse"),
+    "keras.sparse_categorical_crossentropy": (
+        keras.losses.sparse_categorical_crossentropy,
+        "sparse",
+    ),
+    "BinaryCE": (keras_ce_plugin.BinaryCE(from_logits=True), "binary"),
+    "keras.BinaryFocalCrossentropy": (keras.losses.BinaryFocalCrossentropy(), "binary"),
+    "keras.binary_crossentropy": (keras.losses.binary_crossentropy, "binary"),
+    "CategoricalCE": (keras_ce_plugin.CategoricalCE(), "categorical"),
+    "keras.CategoricalCrossentropy": (keras.losses.CategoricalCrossentropy(), "categorical"),
+}
+
+
+@pytest.mark.parametrize("name", list(KNOWN_KINDS))
+def test_a_known_loss_is_checked_on_its_own_labels_by_default(name):
+    """Without ``targets``, Keras' and the plugin's cross-entropies (and subclasses) get
+    the labels they take: the same results as naming the kind, and (for the sparse ones)
+    not those of the one-hot labels every other loss gets."""
+    loss, kind = KNOWN_KINDS[name]
+    default = check_loss(loss, checks=LABEL_CHECKS, raise_on_failure=False)
+    named = check_loss(loss, checks=LABEL_CHECKS, targets=kind, raise_on_failure=False)
+    assert default.ok and not default.hint, str(default)
+    assert default.details == named.details
+    if kind == "sparse":
+        onehot = check_loss(
+            loss, checks=LABEL_CHECKS, targets="categorical", raise_on_failure=False
+        )
+        assert not onehot.ok, str(onehot)
+
+
+def test_an_unknown_loss_that_raises_on_one_hot_labels_gets_a_hint():
+    """A loss the checker does not know is checked on one-hot labels: it fails there,
+    and the report (and the error) say which labels it runs on. The hint only points:
+    the checks still fail until the labels are given."""
+    report = check_loss(UserSparse(), checks=LABEL_CHECKS, raise_on_failure=False)
+    assert set(report.failed) == set(LABEL_CHECKS), str(report)
+    assert "runs on integer labels" in report.hint and "targets='sparse'" in report.hint
+    assert report.hint in str(report) and report.to_dict()["hint"] == report.hint
+    with pytest.raises(LossContractError, match="--targets sparse"):
+        check_loss(UserSparse(), checks=LABEL_CHECKS)
+    assert check_loss(UserSparse(), checks=LABEL_CHECKS, targets="sparse").ok
+    named = check_loss(
+        UserSparse(), checks=LABEL_CHECKS, targets="categorical", raise_on_failure=False
+    )
+    assert not named.ok and named.hint == "", "the labels were given: no hint"
+
+
+@pytest.mark.parametrize("bug", ["output_shape", "sample_weight", "finite"])
+def test_no_hint_where_the_labels_are_not_the_cause(bug):
+    """A broken loss that runs on one-hot labels fails without a hint."""
+    loss, kwargs = BROKEN[bug][:2]
+    report = check_loss(loss, checks=IN_PROCESS, raise_on_failure=False, **kwargs)
+    assert report.failed and report.hint == "", str(report)
 
 
 def test_bad_loss():

@@ -58,6 +58,38 @@ def test_check_loss_unknown_target_is_one_line_exit_2(tmp_path):
         assert target.split(":")[0].split(">")[0] in errors[0], errors[0]
 
 
+USER_SPARSE = """
+import keras
+from keras import ops
+
+
+class UserSparse(keras.losses.Loss):
+    def call(self, y_true, y_pred):
+        labels = ops.reshape(ops.cast(y_true, "int32"), (-1,))
+        picked = ops.take_along_axis(y_pred, labels[:, None], axis=-1)[:, 0]
+        return -ops.log(ops.clip(picked, 1e-7, 1.0))
+"""
+
+
+def test_without_targets_known_losses_get_their_labels_and_others_a_hint(tmp_path):
+    """No --targets: LinearCE (sparse, as the model table's check-loss cell runs it) passes;
+    an unknown loss that raises on one-hot labels fails with a one-line hint naming the
+    flag."""
+    user = tmp_path / "user_sparse.py"
+    user.write_text(USER_SPARSE)
+    checks = "output_shape,shapes,reduction"
+    proc = _keras_ce(
+        "check-loss", "customloss>LinearCE", f"{user}:UserSparse", "--checks", checks, "--json"
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    linear, mine = json.loads(proc.stdout)
+    assert linear["ok"] and linear["hint"] == "", linear
+    assert not mine["ok"] and "--targets sparse" in mine["hint"], mine
+    text = _keras_ce("check-loss", f"{user}:UserSparse", "--checks", checks)
+    hints = [line for line in text.stdout.splitlines() if line.startswith("hint: ")]
+    assert text.returncode == 1 and len(hints) == 1 and "--targets sparse" in hints[0], text.stdout
+
+
 def test_targets_flag_through_the_command():
     """--targets sparse: integer labels, which the sparse loss takes and the one-hot
     loss does not (so the flag reached the checks)."""

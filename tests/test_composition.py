@@ -278,9 +278,8 @@ class Workshop:
             self.model("builtin")  # the user script writes the test image too
             return _keras_ce("predict", model, str(self.root / "test_image.png"), *imports)
         if consumer == "check_loss":
-            # The language models are trained on integer labels: sparse targets.
-            targets = ["--targets", "sparse"] if producer.startswith("lm_") else []
-            return _keras_ce("check-loss", self.loss(producer), *targets, *imports)
+            # As a user runs it: no --targets (LinearCE's integer labels are known).
+            return _keras_ce("check-loss", self.loss(producer), *imports)
         if consumer == "resume":
             return _keras_ce("train", "--resume", str(self.root / producer))
         raise AssertionError(consumer)

@@ -34,8 +34,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--targets",
         dest="target_kind",
         choices=["categorical", "sparse", "binary"],
-        default="categorical",
-        help="the kind of labels the loss takes (default: categorical, one-hot)",
+        default=None,
+        help="the kind of labels the loss takes (default: the loss's own for Keras' and "
+        "the plugin's cross-entropies, e.g. sparse for LinearCE; categorical, one-hot, "
+        "for any other)",
     )
     p.add_argument(
         "--expected-failed",

@@ -149,7 +149,7 @@ __all__ = [
 def check_loss(
     loss: Any,
     *,
-    targets: str = "categorical",
+    targets: str | None = None,
     example: tuple[Any, Any] | None = None,
     reference: Callable[[Any, Any], Any] | None = None,
     expected_failed_checks: Mapping[str, str] | None = None,
@@ -164,9 +164,13 @@ def check_loss(
     Args:
         loss: A ``keras.losses.Loss`` instance, a ``Loss`` subclass (built with
             its defaults) or a registered loss function returning per-sample values.
-        targets: ``"categorical"`` (one-hot, default), ``"sparse"`` (integer
-            ids) or ``"binary"``. ``y_pred`` holds probabilities or logits as
-            the loss's own ``from_logits`` says.
+        targets: ``"categorical"`` (one-hot), ``"sparse"`` (integer ids) or
+            ``"binary"``. ``y_pred`` holds probabilities or logits as the loss's
+            own ``from_logits`` says. Default: the loss's own kind for Keras' and
+            the plugin's cross-entropies (subclasses too: ``"sparse"`` for
+            ``SparseCategoricalCE`` and ``LinearCE``), else ``"categorical"``; a
+            loss that then raises on one-hot labels and runs on another kind gets
+            a ``hint`` in its report.
         example: ``(y_true, y_pred)``, a batch for any other kind of target
             (regression, sequences); replaces ``targets``.
         reference: A NumPy function ``(y_true, y_pred) -> per-sample values``.

@@ -14,10 +14,13 @@ import keras
 import numpy as np
 
 from keras_ce_plugin.testing._inputs import (
+    BATCH,
+    SEED,
     Batch,
     Subject,
     _init_params,
     close,
+    make_batch,
     max_diff,
     registered_name,
     to_numpy,
@@ -56,6 +59,33 @@ def keras_reduce(values: np.ndarray, reduction: str | None, sample_weight=None) 
 def per_sample(s: Subject, batch: Batch) -> np.ndarray:
     """The unreduced values: ``__call__`` with ``reduction=None``."""
     return to_numpy(with_reduction(s.loss, None)(batch.y_true, batch.y_pred))
+
+
+_LABELS = {"sparse": "integer labels", "binary": "0/1 labels"}
+
+
+def targets_hint(s: Subject) -> str:
+    """For a loss whose labels were not given and not known (checked on one-hot ones):
+    if its call raised on them and runs on another kind, which kind to pass; else ""."""
+    if not s.guessed:
+        return ""
+    try:
+        per_sample(s, s.batch)
+    except Exception:  # noqa: BLE001 - raised on one-hot labels: try the others
+        pass
+    else:
+        return ""
+    for kind, labels in _LABELS.items():
+        try:
+            values = per_sample(s, make_batch(kind, s.from_logits, BATCH, SEED))
+        except Exception:  # noqa: BLE001 - not this kind either
+            continue
+        if values.shape == (BATCH,) and np.all(np.isfinite(values)):
+            return (
+                f"{s.label} raised on one-hot labels and runs on {labels}: check it with "
+                f"targets={kind!r} (on the command line: --targets {kind})"
+            )
+    return ""
 
 
 def sample_by_sample(s: Subject, batch: Batch) -> np.ndarray:

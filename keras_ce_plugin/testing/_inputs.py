@@ -43,6 +43,7 @@ class Subject:
     module: str | None = None  # what a fresh process imports to get the loss
     tmpdir: str = ""  # a scratch directory for the checks that save files
     extra: dict[str, Any] = field(default_factory=dict)
+    guessed: bool = False  # `targets` not given and the loss's kind not known: categorical
 
     @property
     def cls_or_fn(self) -> Any:
@@ -195,16 +196,74 @@ def _example_batch(example: Any) -> tuple[Batch, Batch]:
     return full, part
 
 
+def _label_kinds() -> dict[str, tuple[Any, ...]]:
+    """The cross-entropies whose labels are known: Keras' and the plugin's."""
+    from keras_ce_plugin import losses
+    from keras_ce_plugin.large_vocab.loss import LinearCE
+
+    k = keras.losses
+    return {
+        "categorical": (
+            k.CategoricalCrossentropy,
+            k.CategoricalFocalCrossentropy,
+            k.categorical_crossentropy,
+            k.categorical_focal_crossentropy,
+            losses.CategoricalCE,
+            losses.categorical_ce,
+        ),
+        "sparse": (
+            k.SparseCategoricalCrossentropy,
+            k.sparse_categorical_crossentropy,
+            losses.SparseCategoricalCE,
+            losses.sparse_categorical_ce,
+            LinearCE,
+        ),
+        "binary": (
+            k.BinaryCrossentropy,
+            k.BinaryFocalCrossentropy,
+            k.binary_crossentropy,
+            k.binary_focal_crossentropy,
+            losses.BinaryCE,
+            losses.binary_ce,
+        ),
+    }
+
+
+def label_kind(obj: Any) -> str | None:
+    """The labels a known loss takes (``"categorical"``, ``"sparse"`` or ``"binary"``):
+    Keras' cross-entropies and the plugin's, subclasses included; None for any other.
+
+    >>> from keras_ce_plugin.large_vocab import LinearCE
+    >>> label_kind(LinearCE()), label_kind(keras.losses.binary_crossentropy)
+    ('sparse', 'binary')
+    >>> label_kind(keras.losses.MeanSquaredError()) is None
+    True
+    """
+    target = type(obj) if isinstance(obj, keras.losses.Loss) else obj
+    for kind, known in _label_kinds().items():
+        classes = tuple(c for c in known if inspect.isclass(c))
+        if any(target is c for c in known) or (
+            inspect.isclass(target) and issubclass(target, classes)
+        ):
+            return kind
+    return None
+
+
 def make_subject(
     obj: Any,
     *,
-    targets: str = "categorical",
+    targets: str | None = None,
     example: Any = None,
     reference: Callable | None = None,
     module: str | None = None,
 ) -> Subject:
     loss, fn = _as_loss(obj)
     from_logits = _from_logits(loss, fn)
+    guessed = False
+    if example is None and targets is None:
+        targets = label_kind(fn if fn is not None else loss)
+        guessed = targets is None
+        targets = targets or "categorical"
     if example is not None:
         targets = "example"
         batch, partial = _example_batch(example)
@@ -236,6 +295,7 @@ def make_subject(
         partial=partial,
         reference=reference,
         module=module,
+        guessed=guessed,
     )
 
 

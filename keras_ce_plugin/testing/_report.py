@@ -47,6 +47,7 @@ class LossCheckReport:
 
     loss: str
     results: dict[str, CheckResult] = field(default_factory=dict)
+    hint: str = ""  # where the failures may come from the labels: which ones to pass
 
     def add(self, check: str, result: str, reason: str, fix: str = "") -> None:
         self.results[check] = CheckResult(check, result, reason, fix)
@@ -94,6 +95,7 @@ class LossCheckReport:
         return {
             "loss": self.loss,
             "ok": self.ok,
+            "hint": self.hint,
             "checks": [
                 {"check": r.check, "result": r.result, "reason": r.reason, "fix": r.fix}
                 for r in self.results.values()
@@ -118,6 +120,8 @@ class LossCheckReport:
             if ids
         )
         lines.append(f"{'OK' if self.ok else 'FAILED'}: {counts}")
+        if self.hint:
+            lines.append(f"hint: {self.hint}")
         return "\n".join(lines)
 
     def error(self) -> LossContractError:
@@ -128,4 +132,6 @@ class LossCheckReport:
             r = self.results[check]
             fix = f" Fix: {r.fix}" if r.fix else ""
             lines.append(f"  - {check}: {r.reason}.{fix}")
+        if self.hint:
+            lines.append(f"Hint: {self.hint}.")
         return LossContractError("\n".join(lines))

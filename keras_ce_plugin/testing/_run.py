@@ -157,6 +157,9 @@ class _Run:
                     result, fix = XPASSED, "remove it from expected_failed_checks"
                     reason = f"expected to fail ({why}) but passes: {reason}"
             report.add(name, result, reason, fix)
+        if not report.ok:
+            with self.scope():
+                report.hint = C.targets_hint(self.s)
         return report
 
 
