@@ -46,11 +46,18 @@ def test_chunk_sizes_fit_the_budget(tokens, dim, vocab, budget):
 # float32 buffers (the passes' modules): tn x V rows, d x tv products, tn x tv copies,
 # under a default budget of `budget_factor` times 64 MiB.
 _ROW_PASSES = {
-    "tf_own": Held(1, 2, 1),  # the row; a block's product being added while the next is made
-    "tf_own_capped": Held(2, 2, 1),  # + the soft cap's derivative row
+    "tf_own": Held(1, 2, 2),  # the row; two blocks' products, made at once, and their copies
+    "tf_own_capped": Held(2, 2, 2),  # + the soft cap's derivative row
     "torch_own": Held(1, 0, 0, budget_factor=2),  # addmm_ adds in place: no blocks, 128 MiB
     "generic": Held(2, 1, 0),  # logits row and its gradient
 }
+
+
+def test_the_table_holds_what_tensorflows_pass_declares():
+    from keras_ce_plugin.large_vocab import _tf_rows
+
+    assert _tf_rows.held(False) == _ROW_PASSES["tf_own"]
+    assert _tf_rows.held(True) == _ROW_PASSES["tf_own_capped"]
 
 
 def _sizes(held, tokens, dim, vocab):

@@ -148,6 +148,55 @@ def test_tf_pass_token_accuracy_is_argmax_first_index(rng, spy, case, graph):
     assert spy, "strategy='in_forward' did not take TensorFlow's own pass"
 
 
+def _waits_on_products(graph_def) -> int:
+    """How many of the traced pass's ``Identity`` ops (``impl.after``) wait on a matmul:
+    a kernel-gradient product held back until the product before it is computed."""
+    count = 0
+    for nodes in [graph_def.node] + [f.node_def for f in graph_def.library.function]:
+        op_of = {n.name: n.op for n in nodes}
+        for n in nodes:
+            deps = [i[1:].split(":")[0] for i in n.input if i.startswith("^")]
+            if n.op == "Identity" and any(
+                op_of.get(d) in ("MatMul", "BatchMatMulV2") for d in deps
+            ):
+                count += 1
+    return count
+
+
+@pytest.mark.parametrize("small", [True, False], ids=["two_at_once", "one_at_a_time"])
+@pytest.mark.parametrize("transpose", [False, True], ids=["dxV", "Vxd"])
+def test_small_kernel_gradient_products_run_two_at_once(rng, spy, monkeypatch, small, transpose):
+    """Small kernel-gradient products (narrow blocks, which TensorFlow's oneDNN runs on
+    one thread) wait only for the add two blocks back, so two run at once; larger ones
+    (here: every product, with the threshold at 0) also wait for the product before
+    them. The traced graph shows which, and both give the float64 reference's values."""
+    import tensorflow as tf
+
+    from keras_ce_plugin.large_vocab import _tf_rows
+
+    if not small:
+        monkeypatch.setattr(_tf_rows, "SMALL_PRODUCT_BYTES", 0)
+    opts = OPTIONS["all_but_cap"]
+    h, k, b, y, u = _problem(rng, opts, transpose)
+    total64, _, _, grads64 = _reference(h, k, y, u, b, opts, transpose)
+    kw = _kwargs(opts, transpose, vocab_chunk_size=64, strategy="in_forward")
+    args = [tf.Variable(a) for a in (h, k, b)]
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            out = fused_linear_ce_parts(args[0], args[1], y, u, bias=args[2], **kw)
+        return out[0], tape.gradient(out[0], args)
+
+    total, grads = step()
+    assert spy, "strategy='in_forward' did not take TensorFlow's own pass"
+    assert rel_err(np.asarray(total), total64) < RTOL
+    for got, want in zip(grads, grads64):
+        assert rel_err(np.asarray(got), want) < GRAD_RTOL
+    waits = _waits_on_products(step.get_concrete_function().graph.as_graph_def())
+    assert (waits == 0) == small, waits
+
+
 @pytest.mark.parametrize("return_correct", [True, False])
 def test_without_correct_the_pass_never_reduces_a_row(rng, spy, return_correct):
     """``return_correct=False`` gives ``None`` for the correctness, the same loss and

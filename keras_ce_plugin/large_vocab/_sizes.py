@@ -96,7 +96,7 @@ def chunk_sizes(
     beside its rows (each halving of them means one more pass over the ``d x V``
     gradient), so it narrows its vocabulary chunk first:
 
-    >>> chunk_sizes(1024, 512, 256000, row_buffers=1, kernel_blocks=2, row_blocks=1)
+    >>> chunk_sizes(1024, 512, 256000, row_buffers=1, kernel_blocks=2, row_blocks=2)
     (256, 512)
     >>> chunk_sizes(4096, 512, 131072)
     (4096, 1024)

@@ -19,7 +19,8 @@ copy:
 
 The kernel gradient is added one vocabulary block at a time (``d x tv``, never
 ``d x V``) into one buffer, in place; each block's add (memory-bound, and run row by
-row by TensorFlow) overlaps the next block's matmul, so two blocks are alive. Three
+row by TensorFlow) overlaps the next block's product, so two blocks are alive; small
+products (narrow blocks, which oneDNN runs on one thread) also run two at once. Three
 matmul passes, as the naive loss, and nothing recomputed; the price is re-reading the
 ``d x V`` gradient once per token chunk, which is why the chunks keep whole rows
 under a larger budget (``_sizes``).
@@ -86,12 +87,24 @@ def grad_enabled() -> bool:
     return bool(record.could_possibly_record())
 
 
+# Operands (float32 bytes) below which a kernel-gradient product runs beside the next
+# one: TensorFlow's oneDNN runs a product whose operands fit in the L2 cache on one
+# thread, and those up to a few times larger scale poorly over the cores.
+SMALL_PRODUCT_BYTES = 8 * 2**20
+
+
+def two_at_once(tn: int, dim: int, tv: int) -> bool:
+    """Whether a ``tn``-row chunk's ``d x tv`` kernel-gradient products are small enough
+    to run two at once (one at a time they leave a core idle)."""
+    return 4 * (dim * tv + tn * (dim + tv)) < SMALL_PRODUCT_BYTES
+
+
 def held(capped: bool) -> Held:
     """What this pass holds per token chunk (``_sizes``): the logits row (its gradient
     is written over it) and, with a soft cap, its derivative; two ``d x tv`` kernel-
-    gradient blocks (one being added while the next is computed) and the ``tn x tv``
-    copy of the row that the next one reads."""
-    return Held(row_buffers=2 if capped else 1, kernel_blocks=2, row_blocks=1)
+    gradient blocks and the ``tn x tv`` copies of the row they are computed from (two
+    where small products run two at once)."""
+    return Held(row_buffers=2 if capped else 1, kernel_blocks=2, row_blocks=2)
 
 
 @functools.lru_cache(maxsize=16)
@@ -253,10 +266,12 @@ def grads_in_forward(rows: _Rows, kernel: Any, bias: Any, spec: _Spec, kernel_gr
 
 def _add_kernel_grad(dk: Any, g: Any, ha: Any, lab: Any, hot: Any, spec: _Spec) -> Any:
     """``dk`` plus this chunk's kernel gradient ``ha.T @ (g + hot * onehot)``, one
-    vocabulary chunk of ``g`` at a time (a ``d x tv`` product, never ``d x V``): each
-    product once the previous one is computed and the one before it added (two
-    column blocks alive at a time)."""
+    vocabulary chunk of ``g`` at a time (a ``d x tv`` product, never ``d x V``), two
+    products alive at a time. Each product waits for the add two blocks before it;
+    a large one also for the product before it (one at a time), while small ones
+    (:func:`two_at_once`) run two at once."""
     tn = int(g.shape[0])
+    both = two_at_once(tn, spec.dim, spec.tv)
     deps = [dk]
     for c0, c1 in _chunks(spec):
         block = impl.after(g, deps)[:, c0:c1]  # a copy of tn x tv
@@ -269,8 +284,7 @@ def _add_kernel_grad(dk: Any, g: Any, ha: Any, lab: Any, hot: Any, spec: _Spec) 
             if spec.transpose
             else tf.matmul(ha, block, transpose_a=True)
         )
-        # The add overlaps the next block's matmul, which waits for this product (one
-        # matmul at a time) and the previous add (at most two products alive).
-        deps = [part, dk]
+        # The adds, into one buffer, run in order, each beside the next product.
+        deps = [dk] if both else [part, dk]
         dk = impl.add_kernel_grad(dk, part, c0, spec.dim, spec.vocab, spec.tv, spec.transpose)
     return dk
