@@ -148,11 +148,39 @@ def test_tf_pass_token_accuracy_is_argmax_first_index(rng, spy, case, graph):
     assert spy, "strategy='in_forward' did not take TensorFlow's own pass"
 
 
-def _waits_on_products(graph_def) -> int:
+def _traced_pass(rng, spy, transpose=False, **extra):
+    """The ``all_but_cap`` problem through the pass in a ``tf.function`` (64-column
+    blocks), its value and gradients checked against the float64 reference; returns
+    the outputs of ``fused_linear_ce_parts`` and the traced graph's nodes (its
+    functions' too)."""
+    import tensorflow as tf
+
+    opts = OPTIONS["all_but_cap"]
+    h, k, b, y, u = _problem(rng, opts, transpose)
+    total64, _, _, grads64 = _reference(h, k, y, u, b, opts, transpose)
+    kw = _kwargs(opts, transpose, vocab_chunk_size=64, strategy="in_forward")
+    args = [tf.Variable(a) for a in (h, k, b)]
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            out = fused_linear_ce_parts(args[0], args[1], y, u, bias=args[2], **kw, **extra)
+        return out, tape.gradient(out[0], args)
+
+    out, grads = step()
+    assert spy, "strategy='in_forward' did not take TensorFlow's own pass"
+    assert rel_err(np.asarray(out[0]), total64) < RTOL
+    for got, want in zip(grads, grads64):
+        assert rel_err(np.asarray(got), want) < GRAD_RTOL
+    graph = step.get_concrete_function().graph.as_graph_def()
+    return out, [list(graph.node)] + [list(f.node_def) for f in graph.library.function]
+
+
+def _waits_on_products(functions) -> int:
     """How many of the traced pass's ``Identity`` ops (``impl.after``) wait on a matmul:
     a kernel-gradient product held back until the product before it is computed."""
     count = 0
-    for nodes in [graph_def.node] + [f.node_def for f in graph_def.library.function]:
+    for nodes in functions:
         op_of = {n.name: n.op for n in nodes}
         for n in nodes:
             deps = [i[1:].split(":")[0] for i in n.input if i.startswith("^")]
@@ -170,30 +198,12 @@ def test_small_kernel_gradient_products_run_two_at_once(rng, spy, monkeypatch, s
     one thread) wait only for the add two blocks back, so two run at once; larger ones
     (here: every product, with the threshold at 0) also wait for the product before
     them. The traced graph shows which, and both give the float64 reference's values."""
-    import tensorflow as tf
-
     from keras_ce_plugin.large_vocab import _tf_rows
 
     if not small:
         monkeypatch.setattr(_tf_rows, "SMALL_PRODUCT_BYTES", 0)
-    opts = OPTIONS["all_but_cap"]
-    h, k, b, y, u = _problem(rng, opts, transpose)
-    total64, _, _, grads64 = _reference(h, k, y, u, b, opts, transpose)
-    kw = _kwargs(opts, transpose, vocab_chunk_size=64, strategy="in_forward")
-    args = [tf.Variable(a) for a in (h, k, b)]
-
-    @tf.function
-    def step():
-        with tf.GradientTape() as tape:
-            out = fused_linear_ce_parts(args[0], args[1], y, u, bias=args[2], **kw)
-        return out[0], tape.gradient(out[0], args)
-
-    total, grads = step()
-    assert spy, "strategy='in_forward' did not take TensorFlow's own pass"
-    assert rel_err(np.asarray(total), total64) < RTOL
-    for got, want in zip(grads, grads64):
-        assert rel_err(np.asarray(got), want) < GRAD_RTOL
-    waits = _waits_on_products(step.get_concrete_function().graph.as_graph_def())
+    _, functions = _traced_pass(rng, spy, transpose)
+    waits = _waits_on_products(functions)
     assert (waits == 0) == small, waits
 
 
@@ -203,38 +213,10 @@ def test_without_correct_the_pass_never_reduces_a_row(rng, spy, return_correct):
     gradients (float64 reference), and a traced pass with no ``Max``/``ArgMax`` op:
     the row's ``reduce_max`` and ``argmax`` are what token accuracy costs. With
     ``return_correct=True`` the same graph has them (so the check can fail)."""
-    import tensorflow as tf
-
-    opts = OPTIONS["all_but_cap"]
-    h, k, b, y, u = _problem(rng, opts, False)
-    total64, _, _, grads64 = _reference(h, k, y, u, b, opts, False)
-    kw = _kwargs(opts, False, vocab_chunk_size=64, strategy="in_forward")
-    args = [tf.Variable(a) for a in (h, k, b)]
-
-    @tf.function
-    def step():
-        with tf.GradientTape() as tape:
-            out = fused_linear_ce_parts(
-                args[0], args[1], y, u, bias=args[2], return_correct=return_correct, **kw
-            )
-        grads = tape.gradient(out[0], args)
-        return out[0], grads, out[1] if return_correct else tf.constant(0.0)
-
-    total, grads, _ = step()
-    assert spy, "strategy='in_forward' did not take TensorFlow's own pass"
-    assert rel_err(np.asarray(total), total64) < RTOL
-    for got, want in zip(grads, grads64):
-        assert rel_err(np.asarray(got), want) < GRAD_RTOL
-    graph = step.get_concrete_function().graph.as_graph_def()
-    ops_ = {n.op for n in graph.node}
-    for f in graph.library.function:
-        ops_ |= {n.op for n in f.node_def}
+    out, functions = _traced_pass(rng, spy, return_correct=return_correct)
+    ops_ = {n.op for nodes in functions for n in nodes}
     assert ({"Max", "ArgMax"} <= ops_) == return_correct, sorted(ops_)
-    with tf.GradientTape():
-        parts = fused_linear_ce_parts(
-            args[0], args[1], y, u, bias=args[2], return_correct=return_correct, **kw
-        )
-    assert (parts[1] is None) == (not return_correct)
+    assert (out[1] is None) == (not return_correct)
 
 
 @pytest.mark.parametrize(
